@@ -1,0 +1,5 @@
+import sys
+
+from vaultflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""Where the CLI finds the repository, its storage options and the password (flags, then env, then defaults).
+
+Passwords come from an env var, a file, a Prefect Secret block or a prompt: never from a flag's value.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vaultflow.storage.errors import VaultflowError
+
+
+def vaultflow_home() -> Path:
+    return Path(os.environ.get("VAULTFLOW_HOME") or Path.home() / ".vaultflow")
+
+
+def default_repository() -> str:
+    """The embedded default: a local repository under VAULTFLOW_HOME."""
+    return str(vaultflow_home() / "repo")
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    url: str
+    storage_options: dict[str, Any]
+    password_file: str | None
+    password_secret: str | None
+
+    def password(self, *, confirm: bool = False) -> str:
+        return read_password(self.password_file, self.password_secret, confirm=confirm)
+
+
+def storage_options_from_env() -> dict[str, Any]:
+    raw = os.environ.get("VAULTFLOW_STORAGE_OPTIONS", "")
+    if not raw:
+        return {}
+    try:
+        opts = json.loads(raw)
+    except ValueError as e:
+        raise VaultflowError(f"VAULTFLOW_STORAGE_OPTIONS is not valid JSON ({e})") from None
+    if not isinstance(opts, dict):
+        raise VaultflowError("VAULTFLOW_STORAGE_OPTIONS must be a JSON object, e.g. {\"anon\": false}")
+    return opts
+
+
+def resolve(repo: str | None, password_file: str | None, password_secret: str | None) -> RepoSettings:
+    return RepoSettings(
+        url=repo or os.environ.get("VAULTFLOW_REPOSITORY") or default_repository(),
+        storage_options=storage_options_from_env(),
+        password_file=password_file or os.environ.get("VAULTFLOW_PASSWORD_FILE"),
+        password_secret=password_secret or os.environ.get("VAULTFLOW_PASSWORD_SECRET"),
+    )
+
+
+def read_password(password_file: str | None, secret_block: str | None, *, confirm: bool = False) -> str:
+    """The repository password, from the first source that is set."""
+    if password_file:
+        try:
+            pw = Path(password_file).read_text().rstrip("\r\n")
+        except OSError as e:
+            raise VaultflowError(f"cannot read the password file {password_file}: {e.strerror}") from None
+    elif os.environ.get("VAULTFLOW_PASSWORD"):
+        pw = os.environ["VAULTFLOW_PASSWORD"]
+    elif secret_block:
+        from prefect.blocks.system import Secret  # only this path pays for importing Prefect
+
+        pw = str(Secret.load(secret_block).get())
+    elif sys.stdin.isatty():
+        pw = getpass.getpass("repository password: ")
+        if confirm and getpass.getpass("repeat password: ") != pw:
+            raise VaultflowError("the passwords did not match")
+    else:
+        raise VaultflowError("no password: set VAULTFLOW_PASSWORD, VAULTFLOW_PASSWORD_FILE (or --password-file), "
+                             "or VAULTFLOW_PASSWORD_SECRET naming a Prefect Secret block")
+    if not pw:
+        raise VaultflowError("the password is empty")
+    return pw
