@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from vaultflow import __version__
 from vaultflow.storage.errors import VaultflowError
 
-from . import settings
+from vaultflow.tasks import settings
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -65,6 +65,36 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    from . import show
+
+    return show.snapshots(_open(args), args.json, args.source)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from . import show
+
+    return show.ls(_open(args), args.snapshot, args.path, args.long)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from . import show
+
+    return show.stats(_open(args), args.json)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from vaultflow.flows import runtime
+
+    if args.server_command == "start":
+        print(f"Prefect API at {runtime.ensure_prefect_api()}")
+    elif args.server_command == "stop":
+        print("stopped" if runtime.stop_embedded_server() else "not running")
+    else:
+        print(runtime.embedded_server_status().describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaultflow", description="Deduplicated, encrypted, verified backups; "
                                 "every backup is a Prefect flow run.")
@@ -91,6 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     rm = key_sub.add_parser("remove", help="remove a key file by name")
     rm.add_argument("name")
     key.set_defaults(func=cmd_key)
+
+    from . import run
+
+    run.add_parsers(sub, common)
+
+    snaps = sub.add_parser("snapshots", parents=[common], help="list snapshots (no Prefect involved)")
+    snaps.add_argument("--json", action="store_true", help="machine-readable output")
+    snaps.add_argument("--source", help="only this source")
+    snaps.set_defaults(func=cmd_snapshots)
+
+    lsp = sub.add_parser("ls", parents=[common], help="list the files of a snapshot")
+    lsp.add_argument("snapshot", help="id prefix, 'latest', SOURCE:latest or SOURCE:SERIAL")
+    lsp.add_argument("path", nargs="?", help="only this path and what is below it")
+    lsp.add_argument("--long", "-l", action="store_true", help="mode, size, time, link targets, errors")
+    lsp.set_defaults(func=cmd_ls)
+
+    st = sub.add_parser("stats", parents=[common], help="repository size, packs, chunks, snapshots")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_stats)
+
+    srv = sub.add_parser("server", help="the embedded local Prefect server (UI and run history)")
+    srv.add_argument("server_command", choices=["status", "start", "stop"])
+    srv.set_defaults(func=cmd_server)
     return p
 
 
@@ -105,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vaultflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `vaultflow ls … | head`: the reader left, which is not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ class MasterKey:
         return self.subkey("config mac")
 
     @property
+    def file_hash_key(self) -> bytes:
+        return self.subkey("file content hash")
+
+    @property
     def manifest_key(self) -> bytes:
         return self.subkey("manifest encryption")
 

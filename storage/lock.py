@@ -29,6 +29,7 @@ class LockInfo:
     created: float
     refreshed: float
     purpose: str
+    scope: str = ""  # two locks with the same non-empty scope conflict (one backup per source at a time)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -50,10 +51,12 @@ def is_stale(info: LockInfo, now: float, stale_after: float = STALE_AFTER) -> bo
 class Lock:
     """A held lock; a background thread refreshes it until release (use as a context manager)."""
 
-    def __init__(self, backend: Backend, exclusive: bool, purpose: str, stale_after: float = STALE_AFTER) -> None:
+    def __init__(self, backend: Backend, exclusive: bool, purpose: str, stale_after: float = STALE_AFTER,
+                 scope: str = "") -> None:
         self.backend = backend
         self.exclusive = exclusive
         self.purpose = purpose
+        self.scope = scope
         self.stale_after = stale_after
         self.name = f"locks/{secrets.token_hex(16)}"
         self._stop = threading.Event()
@@ -61,7 +64,8 @@ class Lock:
         self._created = time.time()
 
     def _info(self) -> LockInfo:
-        return LockInfo(self.exclusive, socket.gethostname(), os.getpid(), self._created, time.time(), self.purpose)
+        return LockInfo(self.exclusive, socket.gethostname(), os.getpid(), self._created, time.time(), self.purpose,
+                        self.scope)
 
     def _conflicts(self) -> list[tuple[str, LockInfo]]:
         now, found = time.time(), []
@@ -75,7 +79,7 @@ class Lock:
             if is_stale(info, now, self.stale_after):
                 self.backend.delete(name)
                 continue
-            if self.exclusive or info.exclusive:
+            if self.exclusive or info.exclusive or (self.scope and info.scope == self.scope):
                 found.append((name, info))
         return found
 
@@ -90,7 +94,8 @@ class Lock:
             name, info = conflicts[0]
             kind = "an exclusive" if info.exclusive else "a shared"
             raise RepositoryLocked(
-                f"{self.backend.url} is locked: {kind} lock {name} for {info.purpose!r} held by pid {info.pid} on "
+                f"{self.backend.url} is locked: {kind} lock {name} for {info.purpose!r}"
+                f"{f' ({info.scope})' if info.scope else ''} held by pid {info.pid} on "
                 f"{info.host}, refreshed {time.time() - info.refreshed:.0f} s ago; it expires after "
                 f"{self.stale_after:.0f} s without refresh, or remove it with `vaultflow unlock` if that process is gone")
         self._thread = threading.Thread(target=self._refresh_loop, name="vaultflow-lock-refresh", daemon=True)

@@ -93,12 +93,15 @@ class PackWriter:
         self._parts: list[bytes] = [HEADER.pack(MAGIC, VERSION, self.salt)]
         self.size = HEADER_SIZE
         self.entries: list[PackEntry] = []
+        self._data: bytes | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def add(self, blob_id: bytes, blob_type: int, data: bytes | memoryview) -> int:
         """Append one blob; returns the number of bytes it takes in the pack."""
+        if self._data is not None:
+            raise RuntimeError("pack already finished")
         sealed = encode_blob(self._sealer, self._cctx, blob_id, blob_type, data)
         self.entries.append(PackEntry(blob_id, blob_type, self.size, len(sealed), len(data)))
         self._parts.append(sealed)
@@ -106,15 +109,20 @@ class PackWriter:
         return len(sealed)
 
     def finish(self) -> bytes:
-        """The complete pack, after checking that every blob decrypts back to its id (faulty RAM guard)."""
+        """The complete pack, after checking that every blob decrypts back to its id (faulty RAM guard).
+
+        Idempotent, so an upload that failed can be retried with the same bytes; no blob may be added after.
+        """
+        if self._data is not None:
+            return self._data
         self._verify_blobs()
         trailer = self._sealer.seal(b"".join(ENTRY.pack(e.id, e.type, e.offset, e.length, e.raw_length)
                                              for e in self.entries), TRAILER_AAD + self._parts[0])
         self._parts.append(trailer)
         self._parts.append(FOOTER.pack(len(trailer), END_MAGIC))
-        data = b"".join(self._parts)
+        self._data = b"".join(self._parts)
         self._parts = []
-        return data
+        return self._data
 
     def _verify_blobs(self) -> None:
         dctx = zstandard.ZstdDecompressor()

@@ -253,8 +253,13 @@ class Repository:
         out: dict[str, SnapshotRecord] = {}
         for name, _ in self.backend.list("snapshots"):
             rid = name.rsplit("/", 1)[-1]
-            out[rid] = decode_record(self.master.record_key, self.backend.read(name), name, rid)
+            out[rid] = self.snapshot(rid)
         return out
+
+    def snapshot(self, rid: str) -> SnapshotRecord:
+        """One snapshot record by its full id, authenticated."""
+        name = f"snapshots/{rid}"
+        return decode_record(self.master.record_key, self.backend.read(name), name, rid)
 
     def latest(self, source: str, records: dict[str, SnapshotRecord] | None = None) -> tuple[str, SnapshotRecord] \
             | None:
@@ -267,5 +272,40 @@ class Repository:
 
     # -- locks ---------------------------------------------------------------------------------------------
 
-    def lock(self, *, exclusive: bool = False, purpose: str = "backup", stale_after: float = STALE_AFTER) -> Lock:
-        return Lock(self.backend, exclusive, purpose, stale_after)
+    def lock(self, *, exclusive: bool = False, purpose: str = "backup", stale_after: float = STALE_AFTER,
+             scope: str = "") -> Lock:
+        """A lock to use as a context manager; `scope` serialises writers of one source."""
+        return Lock(self.backend, exclusive, purpose, stale_after, scope)
+
+    def find_snapshot(self, spec: str, records: dict[str, SnapshotRecord] | None = None) -> tuple[str, SnapshotRecord]:
+        """Resolve `latest`, `SOURCE:latest`, `SOURCE:SERIAL` or a unique id prefix to one snapshot."""
+        records = records if records is not None else self.snapshots()
+        source, _, which = spec.rpartition(":") if ":" in spec else ("", "", spec)
+        if which == "latest":
+            pool = {rid: r for rid, r in records.items() if not source or r.source == source}
+            if not pool:
+                raise VaultflowError(f"no snapshots{f' of source {source!r}' if source else ''} in {self.url}")
+            if not source and len({r.source for r in pool.values()}) > 1:
+                found = max(pool.items(), key=lambda item: (item[1].finished, item[1].serial))
+            else:
+                found = max(pool.items(), key=lambda item: item[1].serial)
+            return found
+        if source:
+            hits = [(rid, r) for rid, r in records.items() if r.source == source and str(r.serial) == which]
+        else:
+            hits = [(rid, r) for rid, r in records.items() if rid.startswith(spec.lower())] if spec else []
+        if len(hits) != 1:
+            problem = "matches no snapshot" if not hits else f"is ambiguous ({len(hits)} snapshots match)"
+            raise VaultflowError(f"snapshot {spec!r} {problem}; name one by id prefix, 'latest' or SOURCE:SERIAL "
+                                 "(see `vaultflow snapshots`)")
+        return hits[0]
+
+    def files_table(self, record: SnapshotRecord) -> Any:
+        """The snapshot's files table (a pyarrow Table), checked against the hash in its record."""
+        from . import manifest
+
+        [(name, digest)] = [(n, h) for n, h in record.manifests.items() if n.startswith("manifests/")]
+        data = self.read_object(name, digest)
+        if name.endswith(".enc"):
+            data = manifest.open_manifest(self.master.manifest_key, data, name)
+        return manifest.from_parquet(data, manifest.FILES_SCHEMA, name)

@@ -40,6 +40,7 @@ class WriteSession:
         self._reserved: set[bytes] = set()
         self._unindexed: dict[str, list[PackEntry]] = {}  # uploaded or adopted, not yet in an index file
         self._index_every = 256  # packs between index files, so a crash loses little indexing work
+        self._packers: dict[int, Packer] = {}
 
     def adopt_orphan_packs(self) -> int:
         """Index packs left by an interrupted run (in storage, in no index file) instead of re-uploading."""
@@ -77,7 +78,20 @@ class WriteSession:
             self._reserved.difference_update(blob_ids)
 
     def packer(self) -> Packer:
-        return Packer(self)
+        """This thread's packer: batches that run on one thread fill the same packs."""
+        ident = threading.get_ident()
+        with self._lock:
+            p = self._packers.get(ident)
+            if p is None:
+                p = self._packers[ident] = Packer(self)
+            return p
+
+    def flush(self) -> None:
+        """Upload every thread's partial pack (call when no batch is running)."""
+        with self._lock:
+            packers = list(self._packers.values())
+        for p in packers:
+            p.flush()
 
     def upload(self, writer: PackWriter) -> str:
         data = writer.finish()
@@ -130,8 +144,8 @@ class Packer:
 
     def flush(self) -> None:
         if len(self._writer):
-            writer, self._writer = self._writer, self._new()
-            self.session.upload(writer)
+            self.session.upload(self._writer)  # on failure the writer stays, and the next flush retries it
+            self._writer = self._new()
 
     def abandon(self) -> None:
         """Drop blobs not yet uploaded and release their claims (after an error in the caller)."""

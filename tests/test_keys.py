@@ -54,6 +54,6 @@ def test_every_truncation_of_a_key_file_is_detected():
 
 def test_subkeys_differ_per_purpose_and_seed_fits_the_chunker():
     m = MasterKey.generate()
-    keys = {m.chunk_id_key, m.blob_key, m.index_key, m.record_key, m.config_key, m.manifest_key}
-    assert len(keys) == 6 and m.raw not in keys
+    keys = {m.chunk_id_key, m.blob_key, m.index_key, m.record_key, m.config_key, m.manifest_key, m.file_hash_key}
+    assert len(keys) == 7 and m.raw not in keys
     assert 1 <= m.chunker_seed < 1 << 63

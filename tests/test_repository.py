@@ -184,6 +184,9 @@ def test_locks_shared_exclusive_and_stale(location):
         with pytest.raises(RepositoryLocked, match="exclusive lock .* 'prune'"):
             repo.lock(purpose="backup").acquire()
     assert list(repo.backend.list("locks")) == []
+    with repo.lock(purpose="backup", scope="source:home"), repo.lock(purpose="backup", scope="source:db"):
+        with pytest.raises(RepositoryLocked, match=r"\(source:home\)"):
+            repo.lock(purpose="backup", scope="source:home").acquire()
     old = LockInfo(exclusive=True, host="elsewhere", pid=1, created=0.0, refreshed=time.time() - 3600, purpose="x")
     repo.backend.replace("locks/stale", json.dumps(old.__dict__).encode())
     with repo.lock(purpose="backup"):  # a lock not refreshed for its timeout no longer counts
