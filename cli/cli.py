@@ -83,6 +83,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return show.stats(_open(args), args.json)
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    from vaultflow.storage.checker import rebuild_index
+
+    repo = _open(args)
+    with repo.lock(exclusive=True, purpose="repair index"):
+        packs, chunks, unreadable = rebuild_index(repo)
+    print(f"rebuilt the index from {packs} pack trailers: {chunks} chunks")
+    for name in unreadable:
+        print(f"pack {name}: trailer unreadable, its chunks are not indexed (see `vaultflow check --read-data`)",
+              file=sys.stderr)
+    return 1 if unreadable else 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from vaultflow.flows import runtime
 
@@ -140,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", parents=[common], help="repository size, packs, chunks, snapshots")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_stats)
+
+    rep = sub.add_parser("repair", parents=[common], help="repair the repository")
+    rep.add_argument("what", choices=["index"], help="index: rebuild the index from pack trailers alone")
+    rep.set_defaults(func=cmd_repair)
 
     srv = sub.add_parser("server", help="the embedded local Prefect server (UI and run history)")
     srv.add_argument("server_command", choices=["status", "start", "stop"])

@@ -88,3 +88,4 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> RepoLocation:
         return RepoLocation("local", str(tmp_path / "repo"), {})
     server: S3Server = request.getfixturevalue("s3_server")
     return RepoLocation("s3", f"s3://{server.new_bucket()}/repo", server.storage_options)
+from prefect_fixtures import prefect_server  # noqa: E402,F401  (a real Prefect server per session)

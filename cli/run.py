@@ -1,0 +1,189 @@
+"""Flow commands (`backup`): each is a real Prefect flow run against a local API that starts or is reused.
+
+Prefect is imported only here, after `PrefectRuntime.start()` has set PREFECT_API_URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from vaultflow.storage.errors import NotARepository
+from vaultflow.tasks import settings
+
+
+def _prefect(verbose: bool) -> Any:
+    if not verbose:  # Prefect's log lines would tear the progress bar and repeat our own error message;
+        # they all still reach the Prefect API (the UI's run logs)
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    from vaultflow.flows.runtime import PrefectRuntime
+
+    return PrefectRuntime.start()
+
+
+def _ensure_default_repository(s: settings.RepoSettings) -> None:
+    """The embedded default repository is created on first use; a repository the user named never is."""
+    if s.url != settings.default_repository():
+        return
+    from vaultflow.storage.repository import Repository
+
+    try:
+        Repository.open(s.url, s.password(), storage_options=s.storage_options)
+    except NotARepository:
+        repo = Repository.init(s.url, s.password(), storage_options=s.storage_options)
+        print(f"created the default repository {repo.config.id} at {repo.url}", file=sys.stderr)
+
+
+def _run(runtime: Any, label: str, flow_name: str, **params: Any) -> Any:
+    """Run a flow with a rich progress bar on stderr; print the timings line when asked."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from vaultflow.tasks import progress
+
+    flow = getattr(__import__(f"vaultflow.flows.{flow_name}", fromlist=[flow_name]), flow_name)
+    console = Console(stderr=True)
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TextColumn("{task.fields[files]}"), TimeRemainingColumn(), console=console,
+                   disable=not console.is_terminal, transient=True)
+    task_id = bar.add_task(label, total=None, files="")
+    progress.set_listener(lambda done, total, files, nfiles: bar.update(
+        task_id, completed=done, total=total or None, files=f"{files:,}/{nfiles:,} files" if files else ""))
+    try:
+        with bar:
+            return runtime.run_flow(flow, **params)
+    finally:
+        progress.set_listener(None)
+        if _timings():
+            print(runtime.timings.format(), file=sys.stderr)
+
+
+def _print_rows(rows: list[dict[str, str]]) -> None:
+    width = max(len(r["measure"]) for r in rows)
+    for row in rows:
+        print(f"{row['measure']:>{width}}: {row['value']}")
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    s = settings.resolve(args.repo, args.password_file, args.password_secret)
+    _ensure_default_repository(s)
+    runtime = _prefect(args.verbose)  # before anything imports prefect
+    from vaultflow.flows.backup import ErrorBudgetExceeded
+
+    try:
+        summary = _run(runtime, "backup", "backup", path=args.path, source=args.source, repository=s.url,
+                       full=args.full, excludes=args.exclude, error_budget=args.error_budget,
+                       verify_sample=args.verify_sample, password_secret=s.password_secret)
+    except ErrorBudgetExceeded as e:
+        print(f"vaultflow: error: {e}", file=sys.stderr)
+        return 3
+    _print_rows(summary.rows())
+    if summary.errors:
+        print(f"{summary.errors} files could not be read completely; see `vaultflow ls {summary.snapshot[:12]} -l`"
+              " or tables/errors in the repository", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    s = settings.resolve(args.repo, args.password_file, args.password_secret)
+    summary = _run(_prefect(args.verbose), "restore", "restore", snapshot=args.snapshot, target=args.target, includes=args.include,
+                   overwrite=args.overwrite, repository=s.url, password_secret=s.password_secret)
+    _print_rows(summary.rows())
+    for path, why in summary.skipped.items():
+        print(f"note: {path}: {why}", file=sys.stderr)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import json
+
+    s = settings.resolve(args.repo, args.password_file, args.password_secret)
+    runtime = _prefect(args.verbose)  # before anything imports prefect
+    from vaultflow.flows.check import CheckFailed
+
+    try:
+        report = _run(runtime, "check", "check", read_data=args.read_data, read_data_subset=args.read_data_subset,
+                      repository=s.url, password_secret=s.password_secret)
+    except CheckFailed as e:
+        report = e.report
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{report['snapshots']} snapshots, {report['index_files']} index files, {report['packs']} packs, "
+              f"{report['chunks']} chunks; {report['packs_read']} packs read")
+        for p in report["problems"]:
+            print(f"PROBLEM {p['kind']}: {p['message'] if p['message'].startswith(p['object']) else p['object'] + ': ' + p['message']}")
+            if p["snapshots"]:
+                print(f"  affects snapshots: {', '.join(x[:12] for x in p['snapshots'])}")
+            for f in p["files"]:
+                print(f"  affects {f}")
+        print("no problems found" if report["ok"] else f"{len(report['problems'])} problems found")
+    return 0 if report["ok"] else 1
+
+
+def cmd_restore_test(args: argparse.Namespace) -> int:
+    s = settings.resolve(args.repo, args.password_file, args.password_secret)
+    runtime = _prefect(args.verbose)  # before anything imports prefect
+    from vaultflow.flows.restore_test import RestoreTestFailed
+
+    try:
+        checks = _run(runtime, "restore test", "restore_test", sample=args.sample, everything=args.all,
+                      snapshot=args.snapshot, repository=s.url, password_secret=s.password_secret)
+    except RestoreTestFailed as e:
+        print(f"vaultflow: restore test FAILED: {e}", file=sys.stderr)
+        return 1
+    compared = sum(c.compared_with_source for c in checks)
+    print(f"restore test passed: {len(checks)} files, {sum(c.bytes for c in checks):,} bytes restored and "
+          f"verified by hash; {compared} also compared byte for byte with the source")
+    return 0
+
+
+def _timings() -> bool:
+    from vaultflow.flows.runtime import timings_requested
+
+    return timings_requested()
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    b = sub.add_parser("backup", parents=[common], help="back up a file tree as a new snapshot (a Prefect flow run)")
+    b.add_argument("path", help="the directory (or file) to back up")
+    b.add_argument("--source", help="source name (default: derived from the absolute path)")
+    b.add_argument("--full", action="store_true", help="re-read every file instead of trusting unchanged metadata")
+    b.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip paths or names matching GLOB (repeatable)")
+    b.add_argument("--error-budget", type=int, default=100,
+                   help="fail the run when more files than this cannot be read (default 100)")
+    b.add_argument("--verify-sample", type=int, default=8, help="chunks to read back after commit (default 8)")
+    b.add_argument("--verbose", "-v", action="store_true", help="show Prefect's log lines")
+    b.set_defaults(func=cmd_backup)
+
+    r = sub.add_parser("restore", parents=[common], help="restore a snapshot into a folder, verifying every byte")
+    r.add_argument("snapshot", help="id prefix, 'latest', SOURCE:latest or SOURCE:SERIAL")
+    r.add_argument("target", help="folder to restore into (must be empty unless --overwrite)")
+    r.add_argument("--include", action="append", default=[], metavar="PATH",
+                   help="restore only this path and what is below it (repeatable)")
+    r.add_argument("--overwrite", action="store_true", help="replace files that exist in the target")
+    r.add_argument("--verbose", "-v", action="store_true", help="show Prefect's log lines")
+    r.set_defaults(func=cmd_restore)
+
+    t = sub.add_parser("restore-test", parents=[common],
+                       help="restore a sample of each source's latest snapshot into scratch and prove it")
+    amount = t.add_mutually_exclusive_group()
+    amount.add_argument("--sample", type=int, default=20, help="files per snapshot (default 20)")
+    amount.add_argument("--all", action="store_true", help="every file")
+    t.add_argument("--snapshot", help="test this snapshot instead of each source's latest")
+    t.add_argument("--verbose", "-v", action="store_true", help="show Prefect's log lines")
+    t.set_defaults(func=cmd_restore_test)
+
+    c = sub.add_parser("check", parents=[common], help="verify the repository's structure and, on demand, its bytes")
+    data = c.add_mutually_exclusive_group()
+    data.add_argument("--read-data", action="store_true", help="read and authenticate every pack")
+    data.add_argument("--read-data-subset", metavar="N%|K/N",
+                      help="read a random N%% of the packs, or slice K of N (N runs cover everything)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--verbose", "-v", action="store_true", help="show Prefect's log lines")
+    c.set_defaults(func=cmd_check)

@@ -1,0 +1,75 @@
+"""The backup flow: discover → detect changes → process batches → manifest → commit → verify → report.
+
+Each step is a Prefect task; the flow body is the runbook.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from vaultflow.storage.errors import VaultflowError
+from vaultflow.storage.manifest import check_source_name
+from vaultflow.storage.snapshot import utc_now
+from vaultflow.tasks import context, progress
+from vaultflow.tasks.backup import (commit_snapshot, find_parent, open_repository, plan_changes, process_batch,
+                                    verify_snapshot, write_manifest)
+from vaultflow.tasks.report import BackupSummary, report
+from vaultflow.tasks.sources.filesystem import discover
+
+
+class ErrorBudgetExceeded(VaultflowError):
+    """More files failed than the run allows; the snapshot was still committed with what could be read."""
+
+
+def default_source_name(path: str) -> str:
+    """A stable source name from the absolute path: /home/ann/data → home-ann-data."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.abspath(path)).strip("-.")
+    return slug[:128] or "root"
+
+
+@flow(name="backup", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+def backup(path: str, source: str | None = None, repository: str | None = None, full: bool = False,
+           excludes: list[str] | None = None, error_budget: int = 100, verify_sample: int = 8,
+           password_secret: str | None = None) -> BackupSummary:
+    """Back up the tree at `path` as a new snapshot of `source` (default: a name derived from the path)."""
+    t0, started = time.monotonic(), utc_now()
+    source = check_source_name(source or default_source_name(path))
+    run = open_repository(repository, password_secret)
+    state = context.get(run)
+    try:
+        with state.repo.lock(purpose=f"backup of {source}", scope=f"source:{source}"):
+            parent = find_parent(run, source)
+            listing = discover(run, path, excludes or [])
+            plan = plan_changes(run, listing.listing, listing.scan_started_ns, parent, full)
+            state.session = state.repo.write_session()
+            adopted = state.session.adopt_orphan_packs()
+            progress.start(run, plan.bytes_to_read, plan.files_to_read)
+            batches = process_batch.map(unmapped(run), unmapped(listing.root), [b[0] for b in plan.batches],
+                                        [b[1] for b in plan.batches])
+            read = [b.result() for b in batches]
+            serial = parent.serial + 1 if parent else 1
+            written = write_manifest(run, source, serial, listing.errors)
+            s = state.session.stats
+            stats = {**written.stats, "bytes_read": sum(b["bytes_read"] for b in read),
+                     "bytes_added": s.bytes_new_raw, "bytes_stored": s.bytes_new_stored,
+                     "packs_uploaded": s.packs_uploaded, "packs_adopted": adopted}
+            snapshot = commit_snapshot(run, source, serial, parent, started, [os.path.abspath(path)], written, stats)
+            verified = verify_snapshot(run, snapshot, verify_sample)
+    finally:
+        progress.finish(run)
+        context.close(run)
+    summary = report(BackupSummary(
+        snapshot=snapshot, source=source, serial=serial, files=stats["files"],
+        files_new=stats["files_new"], files_changed=stats["files_changed"], files_unchanged=stats["files_unchanged"], errors=stats["errors"], bytes=stats["bytes"],
+        bytes_read=stats["bytes_read"], bytes_added=stats["bytes_added"], bytes_stored=stats["bytes_stored"],
+        packs_uploaded=stats["packs_uploaded"], packs_adopted=adopted, chunks_verified=verified,
+        seconds=time.monotonic() - t0))
+    if summary.errors > error_budget:
+        raise ErrorBudgetExceeded(f"{summary.errors} files could not be backed up, more than the error budget of "
+                                  f"{error_budget}; snapshot {snapshot[:12]} was committed with the rest")
+    return summary

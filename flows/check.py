@@ -1,0 +1,50 @@
+"""The check flow: structure → read packs (mapped batches) → what the damage affects → report.
+
+A problem fails the run, so Prefect's failure notifications fire.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from vaultflow.storage.errors import VaultflowError
+from vaultflow.tasks import context
+from vaultflow.tasks.backup import open_repository
+from vaultflow.tasks.check import check_affected, check_packs, check_structure
+
+
+class CheckFailed(VaultflowError):
+    def __init__(self, report: dict[str, Any]) -> None:
+        self.report = report
+        first = report["problems"][0]
+        super().__init__(f"check found {len(report['problems'])} problems; first: {first['object']}: "
+                         f"{first['message']}")
+
+
+@flow(name="check", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+def check(read_data: bool = False, read_data_subset: str | None = None, repository: str | None = None,
+          password_secret: str | None = None) -> dict[str, Any]:
+    """Verify the repository's structure and, with read_data or a subset (`N%`, `K/N`), its bytes."""
+    run = open_repository(repository, password_secret)
+    try:
+        structure = check_structure(run, read_data, read_data_subset)
+        [f.result() for f in check_packs.map(unmapped(run), structure.pack_batches)]
+        report = check_affected(run)
+    finally:
+        context.close(run)
+    rows = [{"kind": p["kind"], "object": p["object"], "problem": p["message"],
+             "snapshots": ", ".join(s[:12] for s in p["snapshots"]), "files": ", ".join(p["files"][:10])}
+            for p in report["problems"]]
+    summary = (f"{report['snapshots']} snapshots, {report['index_files']} index files, {report['packs']} packs, "
+               f"{report['chunks']} chunks; {report['packs_read']} packs read ({report['bytes_read']:,} bytes)")
+    create_markdown_artifact(key="check-report", markdown=f"# Check: {'OK' if report['ok'] else 'PROBLEMS'}\n\n"
+                             f"{summary}\n\n" + "\n".join(f"* **{r['object']}**: {r['problem']}" for r in rows))
+    if rows:
+        create_table_artifact(key="check-problems", table=rows, description=summary)
+        raise CheckFailed(report)
+    return report

@@ -1,0 +1,47 @@
+"""The restore test: restore a sample (or all) of each source's latest snapshot and prove it is right.
+
+Run it on a schedule; a failure fails the flow run, so Prefect's notifications fire.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prefect import flow, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from vaultflow.storage.errors import VaultflowError
+from vaultflow.tasks import context
+from vaultflow.tasks.backup import open_repository
+from vaultflow.tasks.restore_test import FileCheck, pick_samples, restore_and_compare
+
+
+class RestoreTestFailed(VaultflowError):
+    """A sampled file did not come back byte for byte."""
+
+
+@flow(name="restore-test", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+def restore_test(sample: int = 20, everything: bool = False, snapshot: str | None = None,
+                 repository: str | None = None, password_secret: str | None = None) -> list[FileCheck]:
+    """Restore `sample` random files (or `everything`) of each source's latest snapshot and compare them."""
+    t0 = time.monotonic()
+    run = open_repository(repository, password_secret)
+    try:
+        samples = pick_samples(run, snapshot, sample, everything)
+        checks = [c for f in restore_and_compare.map(unmapped(run), samples) for c in f.result()]
+    finally:
+        context.close(run)
+    seconds = time.monotonic() - t0
+    bad = [c for c in checks if not c.ok]
+    table = [{"snapshot": c.snapshot[:12], "path": c.path, "bytes": c.bytes, "result": "pass" if c.ok else "FAIL",
+              "compared with source": "yes" if c.compared_with_source else "no", "detail": c.detail}
+             for c in checks]
+    create_table_artifact(key="restore-test", table=table, description=(
+        f"{len(checks)} files from {len(samples)} snapshots, {sum(c.bytes for c in checks):,} bytes, "
+        f"{len(bad)} failed, {seconds:.1f} s"))
+    if bad:
+        raise RestoreTestFailed(f"{len(bad)} of {len(checks)} restored files are wrong; first: {bad[0].path}: "
+                                f"{bad[0].detail}")
+    return checks

@@ -1,0 +1,158 @@
+"""Change detection and archiving: which files to read, reading them into packs, and the files table.
+
+Works on Arrow tables and scratch files; a batch's bytes never leave this module, only small results.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+import blake3
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .crypto import keyed_hash
+from .manifest import FILES_SCHEMA, ID, raw_paths
+from .pack import BlobType
+from .repository import Repository
+from .upload import WriteSession
+
+RACY_NS = 2_000_000_000  # a file modified this close to the scan start may change again unseen: reread it
+_STAT_COLS = ("size", "mtime_ns", "ctime_ns", "inode")
+RESULT_SCHEMA = pa.schema([("content_hash", ID), ("chunks", pa.list_(ID)), ("size", pa.int64()),
+                           ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()), ("inode", pa.uint64()),
+                           ("error", pa.string())])
+
+
+def plan_changes(listing: pa.Table, parent: pa.Table | None, scan_started_ns: int, full: bool) -> pa.Table:
+    """The listing plus `read` (must be read), `status`, and the parent's chunks for files that are unchanged.
+
+    A file is unchanged when type, size, mtime, ctime and inode all match the parent's entry, the parent read
+    it without error, and its mtime is not within RACY_NS of the scan start.
+    """
+    parent = parent if parent is not None else FILES_SCHEMA.empty_table()
+    p = pa.table({"p_key": raw_paths(parent), "p_type": parent["type"], "p_status": parent["status"],
+                  "p_row": pa.array(range(parent.num_rows), pa.int64()),
+                  **{f"p_{c}": parent[c] for c in _STAT_COLS}})
+    j = listing.join(p, keys="key", right_keys="p_key", join_type="left outer").sort_by("key")
+    is_file = pc.equal(j["type"], "file")
+    known = pc.is_valid(j["p_row"])
+    same = pc.and_(is_file, pc.equal(j["p_type"], "file"))
+    for c in _STAT_COLS:
+        same = pc.and_(same, pc.equal(j[c], j[f"p_{c}"]))
+    same = pc.and_(same, pc.not_equal(j["p_status"], "error"))
+    same = pc.and_(same, pc.less(j["mtime_ns"], scan_started_ns - RACY_NS))
+    same = pc.fill_null(same, False)
+    if full:
+        same = pa.array([False] * j.num_rows, pa.bool_())
+    from_parent = parent.take(j["p_row"])  # aligned with j; null rows where the parent has no entry
+    metadata_same = pc.fill_null(pc.and_(pc.equal(j["mtime_ns"], j["p_mtime_ns"]),
+                                         pc.equal(j["ctime_ns"], j["p_ctime_ns"])), False)
+    status = pc.if_else(pc.invert(known), "new",
+                        pc.if_else(pc.or_(same, pc.and_(pc.invert(is_file), metadata_same)), "unchanged", "changed"))
+    keep = lambda col: pc.if_else(same, from_parent[col], pa.nulls(j.num_rows, from_parent[col].type))  # noqa: E731
+    out = j.drop_columns([c for c in j.column_names if c.startswith("p_")])
+    return out.append_column("content_hash", keep("content_hash")).append_column("chunks", keep("chunks")) \
+        .append_column("parent_hash", from_parent["content_hash"]).append_column("status", status) \
+        .append_column("read", pc.and_(is_file, pc.invert(same)))
+
+
+def batches(sizes: list[int], max_bytes: int, max_files: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of consecutive files, each up to max_bytes (a larger file alone) or max_files."""
+    out, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (total + size > max_bytes or i - start >= max_files):
+            out.append((start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
+@dataclass
+class BatchStats:
+    files: int = 0
+    bytes_read: int = 0
+    chunks: int = 0
+    chunks_new: int = 0
+    errors: int = 0
+
+
+def archive_files(repo: Repository, session: WriteSession, root: str, keys: list[bytes]) -> tuple[pa.Table,
+                                                                                                 BatchStats]:
+    """Read, chunk, hash and pack each file under `root`; returns one result row per file and stats."""
+    packer = session.packer()
+    chunker = repo.chunker()
+    id_key, file_key = repo.master.chunk_id_key, repo.master.file_hash_key
+    root_b = os.fsencode(root)
+    rows: dict[str, list[object]] = {name: [] for name in RESULT_SCHEMA.names}
+    stats = BatchStats()
+    for key in keys:
+        path = root_b + b"/" + key
+        result: tuple[object, ...]
+        try:
+            result = _archive_one(path, chunker, packer, session, id_key, file_key, stats)
+        except OSError as e:
+            result = (None, None, 0, 0, 0, 0, _describe(e))
+        if result[-1] is not None:
+            stats.errors += 1
+        stats.files += 1
+        for name, value in zip(RESULT_SCHEMA.names, result, strict=True):
+            rows[name].append(value)
+    return pa.table(rows, schema=RESULT_SCHEMA), stats
+
+
+def _describe(e: OSError) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "vanished before it could be read"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return f"read failed: {e.strerror or e}"
+
+
+def _archive_one(path: bytes, chunker, packer, session, id_key, file_key, stats: BatchStats) -> tuple[object, ...]:  # type: ignore[no-untyped-def]
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return None, None, 0, 0, 0, 0, "no longer a regular file"
+        file_hash = blake3.blake3(key=file_key)
+        ids: list[bytes] = []
+        read = 0
+        for chunk in chunker.stream(f):
+            file_hash.update(chunk)
+            cid = keyed_hash(id_key, chunk)
+            ids.append(cid)
+            read += len(chunk)
+            stats.chunks += 1
+            if session.claim([cid])[0]:
+                packer.add(cid, BlobType.DATA, chunk)
+                stats.chunks_new += 1
+        after = os.fstat(fd)
+    stats.bytes_read += read
+    error = None
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or read != before.st_size:
+        error = f"changed while being read ({before.st_size} bytes at open, {read} read); stored what was read"
+    return (file_hash.digest(), ids, read, before.st_mtime_ns, before.st_ctime_ns, before.st_ino, error)
+
+
+def files_table(plan: pa.Table, read_rows: pa.Table, results: pa.Table) -> pa.Table:
+    """The snapshot's files table: unread rows of the plan plus the read rows updated with their results."""
+    status = pc.if_else(pc.is_valid(results["error"]), "error",
+                        pc.if_else(pc.is_null(read_rows["parent_hash"]), "new",
+                                   pc.if_else(pc.fill_null(pc.equal(results["content_hash"],
+                                                                    read_rows["parent_hash"]), False),
+                                              "unchanged", "changed")))
+    updated = read_rows
+    for col in ("content_hash", "chunks", "size", "mtime_ns", "ctime_ns", "inode"):
+        updated = updated.set_column(updated.column_names.index(col), col, results[col].cast(FILES_SCHEMA.field(col).type))
+    updated = updated.set_column(updated.column_names.index("status"), "status", status)
+    updated = updated.append_column("error", results["error"])
+    unread = plan.filter(pc.invert(plan["read"]))
+    unread = unread.append_column("error", pa.nulls(unread.num_rows, pa.string()))
+    both = pa.concat_tables([unread.select(updated.column_names), updated])
+    return both.sort_by("key").select(FILES_SCHEMA.names).cast(FILES_SCHEMA)

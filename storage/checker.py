@@ -1,0 +1,237 @@
+"""Repository checks: structure (records, chain, manifests, index, packs) and data (read and authenticate packs).
+
+Every problem names the damaged object, and `affected` says which snapshots and files it touches.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import IntegrityError, ObjectMissing, VaultflowError
+from .crypto import content_hash
+from .index import Index, encode_index_file
+from .pack import PackEntry
+from .repository import Repository
+from .snapshot import SnapshotRecord, chain_problems, decode_record
+from .upload import read_pack_trailer
+
+
+@dataclass
+class Problem:
+    kind: str  # snapshot, chain, manifest, index, pack, chunk
+    object: str
+    message: str
+    snapshots: list[str] = field(default_factory=list)  # ids of affected snapshots
+    files: list[str] = field(default_factory=list)  # affected paths, "source#serial:path", at most 50
+
+
+@dataclass
+class CheckReport:
+    snapshots: int = 0
+    index_files: int = 0
+    packs: int = 0
+    chunks: int = 0
+    packs_read: int = 0
+    bytes_read: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+class Checker:
+    """Builds its own view of the repository from storage; never trusts the cached index."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.report = CheckReport()
+        self.records: dict[str, SnapshotRecord] = {}
+        self.index = Index()
+        self.pack_sizes: dict[str, int] = {}
+        self._bad_chunks: dict[bytes, str] = {}  # chunk id -> name of the damaged object that held it
+
+    # -- structure -----------------------------------------------------------------------------------------
+
+    def structure(self) -> CheckReport:
+        self._records()
+        self._index_files()
+        self._packs()
+        self._manifests()
+        return self.report
+
+    def _problem(self, kind: str, obj: str, message: str) -> Problem:
+        p = Problem(kind, obj, message)
+        self.report.problems.append(p)
+        return p
+
+    def _records(self) -> None:
+        for name, _ in self.repo.backend.list("snapshots"):
+            rid = name.rsplit("/", 1)[-1]
+            try:
+                self.records[rid] = decode_record(self.repo.master.record_key, self.repo.backend.read(name), name, rid)
+            except (IntegrityError, ObjectMissing) as e:
+                self._problem("snapshot", name, str(e))
+        self.report.snapshots = len(self.records)
+        for message in chain_problems(self.records):
+            self._problem("chain", message.split(":", 1)[0], message)
+
+    def _index_files(self) -> None:
+        for name, _ in self.repo.backend.list("index"):
+            try:
+                self.index.add_columns(*self.repo.read_index_file(name))
+                self.report.index_files += 1
+            except (IntegrityError, ObjectMissing) as e:
+                self._problem("index", name, f"{e}; its packs are still readable: `vaultflow repair index` "
+                                             "rebuilds the index from pack trailers")
+        self.report.chunks = len(self.index)
+
+    def _packs(self) -> None:
+        self.pack_sizes = dict(self.repo.backend.list("data"))
+        self.report.packs = len(self.pack_sizes)
+        ends: dict[str, int] = {}
+        lost: dict[str, list[bytes]] = {}
+        for pack, entry in self.index.entries():
+            ends[pack] = max(ends.get(pack, 0), entry.offset + entry.length)
+            if pack not in self.pack_sizes:
+                lost.setdefault(pack, []).append(entry.id)
+        for pack, ids in sorted(lost.items()):
+            self._problem("pack", pack, f"pack is missing: the index lists {len(ids)} chunks in it")
+            self._bad_chunks.update((cid, pack) for cid in ids)
+        for pack, end in sorted(ends.items()):
+            size = self.pack_sizes.get(pack)
+            if size is not None and end > size:
+                self._problem("pack", pack, f"pack is truncated: {size} bytes, the index needs {end}")
+                self._mark_pack_bad(pack)
+        indexed = self.index.pack_set()
+        for pack in sorted(set(self.pack_sizes) - indexed):
+            self._problem("pack", pack, "pack is in no index file (an interrupted backup's leftover, or a lost "
+                                        "index file): the next backup adopts it, `vaultflow repair index` indexes it")
+
+    def _mark_pack_bad(self, pack: str) -> None:
+        for p, entry in self.index.entries():
+            if p == pack:
+                self._bad_chunks[entry.id] = pack
+
+    def _manifests(self) -> None:
+        """Each record's manifests hash to what it says; every chunk they reference is indexed."""
+        for rid, record in sorted(self.records.items(), key=lambda kv: (kv[1].source, kv[1].serial)):
+            for name, digest in record.manifests.items():
+                try:
+                    self.repo.read_object(name, digest)
+                except (IntegrityError, ObjectMissing) as e:
+                    p = self._problem("manifest", name, str(e))
+                    p.snapshots.append(rid)
+            try:
+                table = self.repo.files_table(record)
+            except (IntegrityError, ObjectMissing, VaultflowError, ValueError):
+                continue  # reported above
+            chunks = pc.list_flatten(table["chunks"]).unique().to_pylist()
+            missing = [c for c, ok in zip(chunks, self.index.contains_many(chunks), strict=True) if not ok]
+            if missing:
+                p = self._problem("chunk", f"snapshot {rid[:12]}", f"{len(missing)} chunks referenced by "
+                                  f"{record.source}#{record.serial} are in no index file")
+                p.snapshots.append(rid)
+                self._bad_chunks.update((c, "index") for c in missing)
+
+    # -- data ----------------------------------------------------------------------------------------------
+
+    def select_packs(self, subset: str | None) -> list[str]:
+        """All packs, `N%` at random, or the deterministic slice `K/N` (so N runs cover every pack)."""
+        packs = sorted(self.pack_sizes or dict(self.repo.backend.list("data")))
+        if not subset:
+            return packs
+        if subset.endswith("%"):
+            share = float(subset[:-1])
+            if not 0 < share <= 100:
+                raise VaultflowError(f"--read-data-subset {subset}: the percentage must be in (0, 100]")
+            return sorted(random.sample(packs, max(1, round(len(packs) * share / 100)) if packs else 0))
+        try:
+            k, n = (int(x) for x in subset.split("/"))
+        except ValueError:
+            raise VaultflowError(f"--read-data-subset {subset!r}: use N% or K/N (e.g. 2/7)") from None
+        if not 1 <= k <= n:
+            raise VaultflowError(f"--read-data-subset {subset}: K must be between 1 and N")
+        return [p for p in packs if int(p.rsplit("/", 1)[-1][:8], 16) % n == k - 1]
+
+    def read_packs(self, packs: list[str]) -> list[Problem]:
+        """Read and authenticate whole packs: content hash, trailer, every blob and its chunk id."""
+        found: list[Problem] = []
+        for pack in packs:
+            try:
+                reader, entries, data = self.repo.read_pack(pack)
+                self.report.bytes_read += len(data)
+                view = memoryview(data)
+                for entry in entries:
+                    self.repo.verify_chunk(reader.blob(view[entry.offset:entry.offset + entry.length], entry),
+                                           entry, pack)
+            except (IntegrityError, ObjectMissing) as e:
+                found.append(Problem("pack", pack, str(e)))
+                self._mark_pack_bad(pack)
+            self.report.packs_read += 1
+        self.report.problems.extend(found)
+        return found
+
+    # -- what the damage touches ---------------------------------------------------------------------------
+
+    def affected(self, limit: int = 50) -> None:
+        """Fill in, for each pack/index/chunk problem, the snapshots and files that reference damaged chunks."""
+        if not self._bad_chunks:
+            return
+        bad = pa.array(list(self._bad_chunks), pa.binary(32))
+        by_object: dict[str, tuple[set[str], list[str]]] = {}
+        for rid, record in sorted(self.records.items(), key=lambda kv: (kv[1].source, kv[1].serial)):
+            try:
+                table = self.repo.files_table(record)
+            except (VaultflowError, ValueError):
+                continue
+            flat = pc.list_flatten(table["chunks"])
+            rows = pc.list_parent_indices(table["chunks"])
+            hit = pc.is_in(flat, value_set=bad)
+            if not pc.any(hit).as_py():
+                continue
+            for row, cid in zip(pc.filter(rows, hit).to_pylist(), pc.filter(flat, hit).to_pylist(), strict=True):
+                obj = self._bad_chunks[cid]
+                snaps, files = by_object.setdefault(obj, (set(), []))
+                snaps.add(rid)
+                entry = f"{record.source}#{record.serial}:{table['path'][row].as_py()}"
+                if len(files) < limit and entry not in files:
+                    files.append(entry)
+        for problem in self.report.problems:
+            key = problem.object if problem.kind == "pack" else "index" if problem.kind in ("chunk", "index") \
+                else None
+            if key in by_object:
+                snaps, files = by_object[key]
+                problem.snapshots = sorted(set(problem.snapshots) | snaps)
+                problem.files = files
+
+
+def rebuild_index(repo: Repository) -> tuple[int, int, list[str]]:
+    """`repair index`: one new index file from every readable pack trailer; then the old index files go.
+
+    Returns (packs indexed, chunks indexed, packs whose trailer could not be read).
+    """
+    by_pack: dict[str, list[PackEntry]] = {}
+    unreadable = []
+    for name, size in repo.backend.list("data"):
+        try:
+            by_pack[name] = read_pack_trailer(repo, name, size)
+        except (IntegrityError, ObjectMissing, OSError):
+            unreadable.append(name)
+    old = [name for name, _ in repo.backend.list("index")]
+    data = encode_index_file(repo.master.index_key, by_pack)
+    new = f"index/{content_hash(data)}"
+    repo.backend.write(new, data, content_named=True)
+    for name in old:  # only after the new index is durable
+        if name != new:
+            repo.backend.delete(name)
+    repo.reload_index()
+    return len(by_pack), sum(len(v) for v in by_pack.values()), unreadable

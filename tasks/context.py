@@ -1,0 +1,54 @@
+"""Per-run state that must not travel through Prefect parameters or results: the open repository.
+
+Tasks receive a short run key and look the repository up here; bulk bytes stay inside the process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaultflow.storage.checker import Checker
+from vaultflow.storage.repository import Repository
+from vaultflow.storage.restorer import Restorer
+from vaultflow.storage.upload import WriteSession
+
+
+@dataclass
+class RunState:
+    repo: Repository
+    scratch: Path
+    session: WriteSession | None = None
+    restorer: Restorer | None = None
+    checker: Checker | None = None
+
+
+_runs: dict[str, RunState] = {}
+_lock = threading.Lock()
+
+
+def register(repo: Repository, scratch_root: str | None = None) -> str:
+    key = uuid.uuid4().hex
+    scratch = Path(tempfile.mkdtemp(prefix=f"vaultflow-{key[:8]}-", dir=scratch_root))
+    with _lock:
+        _runs[key] = RunState(repo, scratch)
+    return key
+
+
+def get(key: str) -> RunState:
+    with _lock:
+        state = _runs.get(key)
+    if state is None:
+        raise KeyError(f"no open repository for run key {key}: tasks of one run must share its process")
+    return state
+
+
+def close(key: str) -> None:
+    with _lock:
+        state = _runs.pop(key, None)
+    if state is not None:
+        shutil.rmtree(state.scratch, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""Progress of a running backup: a Prefect progress artifact, and an optional in-process listener (the CLI bar).
+
+Tasks call `advance`; the listener is a plain callable so no bytes or objects travel through Prefect.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Listener = Callable[[int, int, int, int], None]  # (bytes done, bytes total, files done, files total)
+
+
+@dataclass
+class _Progress:
+    bytes_total: int
+    files_total: int
+    bytes_done: int = 0
+    files_done: int = 0
+    artifact_id: object | None = None
+
+
+_lock = threading.Lock()
+_runs: dict[str, _Progress] = {}
+_listener: list[Listener] = []
+
+
+def set_listener(listener: Listener | None) -> None:
+    """Install (or remove) the process's progress listener, e.g. the CLI's rich progress bar."""
+    with _lock:
+        _listener.clear()
+        if listener is not None:
+            _listener.append(listener)
+
+
+def start(run: str, bytes_total: int, files_total: int, key: str = "backup-progress",
+          description: str = "bytes read of the files that changed") -> None:
+    from prefect.artifacts import create_progress_artifact
+
+    artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+    with _lock:
+        _runs[run] = _Progress(bytes_total, files_total, artifact_id=artifact_id)
+    _notify(run)
+
+
+def advance(run: str, nbytes: int, nfiles: int) -> None:
+    with _lock:
+        p = _runs.get(run)
+        if p is None:
+            return
+        p.bytes_done += nbytes
+        p.files_done += nfiles
+    _notify(run)
+    if p.artifact_id is not None:
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(artifact_id=p.artifact_id, progress=_percent(p))  # type: ignore[arg-type]
+
+
+def finish(run: str) -> None:
+    with _lock:
+        _runs.pop(run, None)
+
+
+def _percent(p: _Progress) -> float:
+    if p.bytes_total:
+        return min(100.0, 100.0 * p.bytes_done / p.bytes_total)
+    return 100.0 if p.files_done >= p.files_total else 100.0 * p.files_done / max(p.files_total, 1)
+
+
+def _notify(run: str) -> None:
+    with _lock:
+        p = _runs.get(run)
+        listeners = list(_listener)
+    if p is not None:
+        for fn in listeners:
+            fn(p.bytes_done, p.bytes_total, p.files_done, p.files_total)
