@@ -1,0 +1,181 @@
+"""The measured procedures: for one tool and one repetition, run measures 1-8 on fresh local repositories.
+
+Measures 1-5 and 8 share one repository (first backup, no-change, 1 % append, check, restore, snapshots);
+measure 6 (scale set) and 7 (evolving tree) each get their own. A step the others depend on that fails marks
+those others failed too, with the reason; nothing is retried or estimated.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import proc
+from bench.datagen import DataSet, TreeStats, tree_stats
+from bench.mutate import EvolvingTree, appended
+from bench.results import Sample
+from bench.tools import ADAPTERS, Adapter, Cmd
+
+MAIN_CHAIN = ("first", "nochange", "append", "check", "restore", "snapshots")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every tool/repetition shares: data set, scratch dir, selection and limits."""
+
+    ds: DataSet
+    ref: TreeStats
+    scale: TreeStats
+    work: Path
+    only: frozenset[str]
+    timeout: float
+    series_steps: int
+    series_files: int
+    say: Callable[[str], None]
+
+
+class _Runner:
+    """Runs an adapter's commands with the shared timeout, logging each one."""
+
+    def __init__(self, ctx: Context, adapter: Adapter, label: str) -> None:
+        self.ctx, self.a, self.label = ctx, adapter, label
+
+    def __call__(self, what: str, cmd: Cmd) -> proc.Run:
+        r = proc.run(cmd.argv, self.a.env(), cwd=cmd.cwd, timeout=self.ctx.timeout, ok_codes=cmd.ok_codes)
+        status = f"{r.wall_s:7.2f} s" if r.ok else "FAILED"
+        self.ctx.say(f"  {self.label:<22} {what:<12} {status}")
+        return r
+
+
+def _adapter(name: str, exe: str, base: Path, repo: str) -> Adapter:
+    home = base / f"home-{repo}"
+    home.mkdir(parents=True, exist_ok=True)
+    return ADAPTERS[name](exe, base / repo, home)
+
+
+def _init(run: _Runner) -> str | None:
+    r = run("init", run.a.init())
+    if not r.ok:
+        return "init failed: " + r.error()
+    if not run.a.repo.exists() or not any(run.a.repo.iterdir()):
+        return f"init exited 0 but wrote no repository at {run.a.repo}"
+    return None
+
+
+def _backup(run: _Runner, what: str, path: Path) -> tuple[Sample, proc.Run]:
+    before = tree_stats(run.a.repo).bytes
+    r = run(what, run.a.backup(path))
+    sample = Sample.from_runs([r])
+    after = tree_stats(run.a.repo).bytes
+    if sample.ok and after <= before:
+        sample = Sample.failed(f"backup exited 0 but the repository did not grow ({before} bytes)")
+    if sample.ok:
+        sample.extra["repo_bytes"] = after
+    return sample, r
+
+
+def main_chain(ctx: Context, name: str, exe: str, base: Path) -> dict[str, Sample]:
+    """Measures 1-5 and 8 on one repository, in that order."""
+    wanted = [m for m in MAIN_CHAIN if m in ctx.only]
+    run = _Runner(ctx, _adapter(name, exe, base, "repo"), f"{name}")
+    err = _init(run)
+    if err:
+        return {m: Sample.failed(err) for m in wanted}
+    out: dict[str, Sample] = {}
+    first, _ = _backup(run, "first", ctx.ds.ref)
+    if first.ok and first.wall_s:
+        first.extra["mb_per_s"] = ctx.ref.bytes / 1e6 / first.wall_s
+    if "first" in ctx.only:
+        out["first"] = first
+    if not first.ok:
+        return out | {m: Sample.failed("skipped: first backup failed") for m in wanted if m != "first"}
+    latest_bytes = ctx.ref.bytes
+    if "nochange" in ctx.only:
+        out["nochange"], _ = _backup(run, "nochange", ctx.ds.ref)
+    if "append" in ctx.only:
+        with appended(ctx.ds) as added:
+            out["append"], _ = _backup(run, "append", ctx.ds.ref)
+        out["append"].extra["appended_bytes"] = added
+        if out["append"].ok:
+            latest_bytes += added
+    if "check" in ctx.only:
+        out["check"] = Sample.from_runs([run("check", run.a.check())])
+    if "restore" in ctx.only:
+        out["restore"] = _restore(run, base / "restore", TreeStats(ctx.ref.files, latest_bytes))
+    if "snapshots" in ctx.only:
+        out["snapshots"] = Sample.from_runs([run("snapshots", run.a.snapshots())])
+    return out
+
+
+def _restore(run: _Runner, target: Path, expected: TreeStats) -> Sample:
+    target.mkdir(parents=True)
+    sample = Sample.from_runs([run("restore", run.a.restore(target))])
+    got = tree_stats(target)
+    shutil.rmtree(target)
+    if sample.ok and got != expected:
+        return Sample.failed(f"restore exited 0 but wrote {got.files} files / {got.bytes} bytes, "
+                             f"expected {expected.files} / {expected.bytes}")
+    if sample.ok:
+        sample.extra["restored_bytes"] = got.bytes
+    return sample
+
+
+def scale_set(ctx: Context, name: str, exe: str, base: Path) -> Sample:
+    """Measure 6: a no-change backup of the many-small-files set, after an (unmeasured) first backup."""
+    run = _Runner(ctx, _adapter(name, exe, base, "scale-repo"), f"{name} scale")
+    err = _init(run)
+    if err:
+        return Sample.failed(err)
+    first, _ = _backup(run, "first", ctx.ds.scale)
+    if not first.ok:
+        return Sample.failed("skipped: first backup of the scale set failed: " + (first.error or ""))
+    sample, _ = _backup(run, "nochange", ctx.ds.scale)
+    if sample.ok and sample.wall_s:
+        sample.extra["files_per_s"] = ctx.scale.files / sample.wall_s
+        sample.extra["first_backup_s"] = first.wall_s or 0.0
+    return sample
+
+
+def series(ctx: Context, name: str, exe: str, base: Path) -> Sample:
+    """Measure 7: `series_steps` small incremental backups of an evolving tree, summed."""
+    run = _Runner(ctx, _adapter(name, exe, base, "series-repo"), f"{name} series")
+    err = _init(run)
+    if err:
+        return Sample.failed(err)
+    tree = EvolvingTree(base / "evolving", ctx.ds.spec.seed + 7, ctx.series_files)
+    tree.create()
+    first, _ = _backup(run, "initial", tree.root)
+    if not first.ok:
+        return Sample.failed("skipped: initial backup of the evolving tree failed: " + (first.error or ""))
+    runs = []
+    for n in range(ctx.series_steps):
+        tree.step(n)
+        r = run(f"step {n + 1}", run.a.backup(tree.root))
+        runs.append(r)
+        if not r.ok:
+            break
+    sample = Sample.from_runs(runs)
+    if sample.ok:
+        sample.extra["repo_bytes"] = tree_stats(run.a.repo).bytes
+    return sample
+
+
+def run_tool(ctx: Context, name: str, exe: str, rep: int) -> dict[str, Sample]:
+    """All selected measures for one tool in one repetition, on repositories created and removed here."""
+    base = ctx.work / f"{name}-rep{rep}"
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    out: dict[str, Sample] = {}
+    try:
+        if ctx.only & set(MAIN_CHAIN):
+            out |= main_chain(ctx, name, exe, base)
+        if "scale" in ctx.only:
+            out["scale"] = scale_set(ctx, name, exe, base)
+        if "series" in ctx.only:
+            out["series"] = series(ctx, name, exe, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return out

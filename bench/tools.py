@@ -1,0 +1,151 @@
+"""How each program under test is driven: one adapter per tool, bound to one local repository.
+
+An adapter only builds command lines and environments (run and measured by bench.proc); it holds the per-repo
+state a tool needs (borg's archive names). Also parses vaultflow's optional timing line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+PASSWORD = "vaultflow-bench-password"
+
+
+@dataclass(frozen=True)
+class Cmd:
+    """A command line, its working directory, and the exit codes that mean success."""
+
+    argv: list[str]
+    cwd: Path | None = None
+    ok_codes: frozenset[int] = frozenset({0})
+
+
+class Adapter(ABC):
+    """One tool on one repository at `repo`; `home` holds restic's and borg's caches for this run only.
+
+    vaultflow keeps the caller's environment (PREFECT_HOME, PREFECT_API_URL), as an operator's command would.
+    """
+
+    name: str
+
+    def __init__(self, exe: str, repo: Path, home: Path) -> None:
+        self.exe = exe
+        self.repo = repo
+        self.home = home
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self._env()}
+
+    @abstractmethod
+    def _env(self) -> dict[str, str]: ...
+
+    @abstractmethod
+    def init(self) -> Cmd: ...
+
+    @abstractmethod
+    def backup(self, path: Path) -> Cmd: ...
+
+    @abstractmethod
+    def check(self) -> Cmd: ...
+
+    @abstractmethod
+    def restore(self, target: Path) -> Cmd: ...
+
+    @abstractmethod
+    def snapshots(self) -> Cmd: ...
+
+
+class Restic(Adapter):
+    name = "restic"
+
+    def _env(self) -> dict[str, str]:
+        return {"RESTIC_REPOSITORY": str(self.repo), "RESTIC_PASSWORD": PASSWORD,
+                "RESTIC_CACHE_DIR": str(self.home / "restic-cache")}
+
+    def init(self) -> Cmd:
+        return Cmd([self.exe, "init", "--repository-version", "2"])
+
+    def backup(self, path: Path) -> Cmd:
+        return Cmd([self.exe, "backup", "--compression", "auto", "--host", "bench", str(path)])
+
+    def check(self) -> Cmd:
+        return Cmd([self.exe, "check", "--read-data"])
+
+    def restore(self, target: Path) -> Cmd:
+        return Cmd([self.exe, "restore", "latest", "--target", str(target)])
+
+    def snapshots(self) -> Cmd:
+        return Cmd([self.exe, "snapshots"])
+
+
+class Borg(Adapter):
+    name = "borg"
+    OK = frozenset({0, 1})  # borg exits 1 for warnings (e.g. a file changed while read); the archive exists
+
+    def __init__(self, exe: str, repo: Path, home: Path) -> None:
+        super().__init__(exe, repo, home)
+        self._archives = 0
+
+    def _env(self) -> dict[str, str]:
+        return {"BORG_REPO": str(self.repo), "BORG_PASSPHRASE": PASSWORD, "BORG_BASE_DIR": str(self.home),
+                "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+
+    def init(self) -> Cmd:
+        return Cmd([self.exe, "init", "--encryption", "repokey-blake2"])
+
+    def backup(self, path: Path) -> Cmd:
+        self._archives += 1
+        return Cmd([self.exe, "create", "--compression", "zstd,3", f"::snap-{self._archives:03d}", str(path)],
+                   ok_codes=self.OK)
+
+    def check(self) -> Cmd:
+        return Cmd([self.exe, "check", "--verify-data"], ok_codes=self.OK)
+
+    def restore(self, target: Path) -> Cmd:
+        return Cmd([self.exe, "extract", f"::snap-{self._archives:03d}"], cwd=target, ok_codes=self.OK)
+
+    def snapshots(self) -> Cmd:
+        return Cmd([self.exe, "list"])
+
+
+class Vaultflow(Adapter):
+    name = "vaultflow"
+    SOURCE = "bench"
+
+    def _env(self) -> dict[str, str]:
+        return {"VAULTFLOW_REPOSITORY": str(self.repo), "VAULTFLOW_PASSWORD": PASSWORD, "VAULTFLOW_TIMINGS": "1"}
+
+    def init(self) -> Cmd:
+        return Cmd([self.exe, "init"])
+
+    def backup(self, path: Path) -> Cmd:
+        return Cmd([self.exe, "backup", str(path), "--source", self.SOURCE])
+
+    def check(self) -> Cmd:
+        return Cmd([self.exe, "check", "--read-data"])
+
+    def restore(self, target: Path) -> Cmd:
+        return Cmd([self.exe, "restore", "latest", str(target)])
+
+    def snapshots(self) -> Cmd:
+        return Cmd([self.exe, "snapshots"])
+
+
+ADAPTERS: dict[str, type[Adapter]] = {"vaultflow": Vaultflow, "restic": Restic, "borg": Borg}
+
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_TIMING = re.compile(rf"prefect_startup_seconds\s*[=:]\s*[\"']?({_NUM})[\s\S]*?pipeline_seconds\s*[=:]\s*[\"']?({_NUM})")
+
+
+def parse_vaultflow_timings(text: str) -> tuple[float, float] | None:
+    """(prefect_startup_seconds, pipeline_seconds) from the last timing line in `text`, if there is one."""
+    found = None
+    for line in text.splitlines():
+        m = _TIMING.search(line)
+        if m:
+            found = (float(m.group(1)), float(m.group(2)))
+    return found
