@@ -25,7 +25,8 @@ from .repository import Repository
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_CREATED = ("socket", "char", "block", "unknown")
-_READ_WHOLE_PACK = 0.5  # fetch the whole pack when at least this share of it is needed, else ranges
+_READ_WHOLE_PACK = 0.5
+_DIR_FD_CACHE = 256  # fetch the whole pack when at least this share of it is needed, else ranges
 
 
 class HostilePath(VaultflowError):
@@ -91,6 +92,7 @@ class Restorer:
         self.progress = progress or (lambda n: None)
         self.result = RestoreResult()
         self._lock = threading.Lock()
+        self._dir_fds: dict[bytes, int] = {}
 
     # -- the plan ------------------------------------------------------------------------------------------
 
@@ -117,9 +119,13 @@ class Restorer:
 
     def finish(self) -> RestoreResult:
         """Check whole-file hashes, then create links and special files and set metadata."""
-        self._verify_files(self._data_files)
-        self._make_special(self._links)
-        self._set_metadata()
+        try:
+            self._verify_files(self._data_files)
+            self._make_special(self._links)
+            self._set_metadata()
+        finally:
+            with self._lock:
+                self._close_dir_fds()
         return self.result
 
     def _prepare_target(self) -> None:
@@ -157,18 +163,32 @@ class Restorer:
     # -- creating entries ----------------------------------------------------------------------------------
 
     def _parent_fd(self, raw: bytes) -> tuple[int, bytes]:
-        """An fd of the entry's parent directory, opened component by component without following links."""
-        parts = raw.split(b"/")
+        """An fd of the entry's parent directory (the caller closes it), opened component by component without
+        following links; the parent's own fd is cached, since siblings come together."""
+        parent, _, name = raw.rpartition(b"/")
+        with self._lock:
+            cached = self._dir_fds.get(parent)
+            if cached is not None:
+                return os.dup(cached), name
         fd = os.open(self.target, _DIR_FLAGS)
         try:
-            for part in parts[:-1]:
+            for part in parent.split(b"/") if parent else []:
                 nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = nxt
         except OSError:
             os.close(fd)
             raise
-        return fd, parts[-1]
+        with self._lock:
+            if len(self._dir_fds) >= _DIR_FD_CACHE:
+                self._close_dir_fds()
+            self._dir_fds[parent] = os.dup(fd)
+        return fd, name
+
+    def _close_dir_fds(self) -> None:
+        for fd in self._dir_fds.values():
+            os.close(fd)
+        self._dir_fds.clear()
 
     def _mkdir(self, i: int) -> None:
         try:

@@ -6,6 +6,7 @@ Tasks call `advance`; the listener is a plain callable so no bytes or objects tr
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,8 +20,10 @@ class _Progress:
     bytes_done: int = 0
     files_done: int = 0
     artifact_id: object | None = None
+    artifact_at: float = 0.0  # monotonic time of the last artifact update
 
 
+ARTIFACT_EVERY = 1.0
 _lock = threading.Lock()
 _runs: dict[str, _Progress] = {}
 _listener: list[Listener] = []
@@ -45,14 +48,19 @@ def start(run: str, bytes_total: int, files_total: int, key: str = "backup-progr
 
 
 def advance(run: str, nbytes: int, nfiles: int) -> None:
+    """Count work done; the artifact is updated at most every ARTIFACT_EVERY seconds (each is an API call)."""
     with _lock:
         p = _runs.get(run)
         if p is None:
             return
         p.bytes_done += nbytes
         p.files_done += nfiles
+        now = time.monotonic()
+        update = p.artifact_id is not None and (now - p.artifact_at >= ARTIFACT_EVERY or _percent(p) >= 100.0)
+        if update:
+            p.artifact_at = now
     _notify(run)
-    if p.artifact_id is not None:
+    if update:
         from prefect.artifacts import update_progress_artifact
 
         update_progress_artifact(artifact_id=p.artifact_id, progress=_percent(p))  # type: ignore[arg-type]
