@@ -30,7 +30,7 @@ def write_png(path: Path, summary: dict[str, dict[str, dict[str, Any]]], tools: 
     measures = [m for m in MEASURES if any(m in summary.get(t, {}) for t in tools)]
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(max(8, 1.4 * len(measures) + 2), 11), squeeze=False)
     width = 0.8 / max(1, len(tools))
-    for ax, (metric, label, scale) in zip(axes[:, 0], PANELS):
+    for ax, (metric, label, scale) in zip(axes[:, 0], PANELS, strict=True):
         for i, tool in enumerate(tools):
             for x, m in enumerate(measures):
                 s = summary.get(tool, {}).get(m)

@@ -107,7 +107,8 @@ def _snapshots_target(console: Console, s: dict[str, Any] | None) -> None:
         return
     met = s["wall_s"] <= SNAPSHOTS_TARGET_S
     verdict = "[green]met[/green]" if met else "[red]missed[/red]"
-    console.print(f"vaultflow snapshots: {s['wall_s']:.2f} s whole process (target ≤ {SNAPSHOTS_TARGET_S} s: {verdict})")
+    console.print(f"vaultflow snapshots: {s['wall_s']:.2f} s whole process "
+                  f"(target ≤ {SNAPSHOTS_TARGET_S} s: {verdict})")
 
 
 def _failures(console: Console, summary: Summary) -> None:

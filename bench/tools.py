@@ -138,7 +138,8 @@ class Vaultflow(Adapter):
 ADAPTERS: dict[str, type[Adapter]] = {"vaultflow": Vaultflow, "restic": Restic, "borg": Borg}
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_TIMING = re.compile(rf"prefect_startup_seconds\s*[=:]\s*[\"']?({_NUM})[\s\S]*?pipeline_seconds\s*[=:]\s*[\"']?({_NUM})")
+_TIMING = re.compile(rf"prefect_startup_seconds\s*[=:]\s*[\"']?({_NUM})"
+                     rf"[\s\S]*?pipeline_seconds\s*[=:]\s*[\"']?({_NUM})")
 
 
 def parse_vaultflow_timings(text: str) -> tuple[float, float] | None:

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 
 from vaultflow import __version__
 from vaultflow.storage.errors import VaultflowError
-
 from vaultflow.tasks import settings
 
 

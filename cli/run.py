@@ -6,6 +6,7 @@ Prefect is imported only here, after `PrefectRuntime.start()` has set PREFECT_AP
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any
@@ -20,7 +21,10 @@ def _prefect(verbose: bool) -> Any:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     from vaultflow.flows.runtime import PrefectRuntime
 
-    return PrefectRuntime.start()
+    runtime = PrefectRuntime.start()  # imports prefect, which configures logging
+    if not verbose:  # "Still processing items" at exit: this logger bypasses the console handler's level
+        logging.getLogger("prefect.EventsWorker").setLevel(logging.ERROR)
+    return runtime
 
 
 def _ensure_default_repository(s: settings.RepoSettings) -> None:
@@ -39,8 +43,7 @@ def _ensure_default_repository(s: settings.RepoSettings) -> None:
 def _run(runtime: Any, label: str, flow_name: str, **params: Any) -> Any:
     """Run a flow with a rich progress bar on stderr; print the timings line when asked."""
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from vaultflow.tasks import progress
 
@@ -90,7 +93,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
-    summary = _run(_prefect(args.verbose), "restore", "restore", snapshot=args.snapshot, target=args.target, includes=args.include,
+    summary = _run(_prefect(args.verbose), "restore", "restore", snapshot=args.snapshot, target=args.target,
+                   includes=args.include,
                    overwrite=args.overwrite, repository=s.url, password_secret=s.password_secret)
     _print_rows(summary.rows())
     for path, why in summary.skipped.items():
@@ -116,7 +120,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{report['snapshots']} snapshots, {report['index_files']} index files, {report['packs']} packs, "
               f"{report['chunks']} chunks; {report['packs_read']} packs read")
         for p in report["problems"]:
-            print(f"PROBLEM {p['kind']}: {p['message'] if p['message'].startswith(p['object']) else p['object'] + ': ' + p['message']}")
+            text = p["message"] if p["message"].startswith(p["object"]) else f"{p['object']}: {p['message']}"
+            print(f"PROBLEM {p['kind']}: {text}")
             if p["snapshots"]:
                 print(f"  affects snapshots: {', '.join(x[:12] for x in p['snapshots'])}")
             for f in p["files"]:

@@ -10,15 +10,22 @@ import re
 import time
 
 from prefect import flow, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.storage.manifest import check_source_name
 from vaultflow.storage.snapshot import utc_now
 from vaultflow.tasks import context, progress
-from vaultflow.tasks.backup import (commit_snapshot, find_parent, open_repository, plan_changes, process_batch,
-                                    verify_snapshot, write_manifest)
+from vaultflow.tasks.backup import (
+    commit_snapshot,
+    find_parent,
+    open_repository,
+    plan_changes,
+    process_batch,
+    verify_snapshot,
+    write_manifest,
+)
 from vaultflow.tasks.report import BackupSummary, report
+from vaultflow.tasks.runner import thread_runner
 from vaultflow.tasks.sources.filesystem import discover
 
 
@@ -32,7 +39,7 @@ def default_source_name(path: str) -> str:
     return slug[:128] or "root"
 
 
-@flow(name="backup", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+@flow(name="backup", task_runner=thread_runner())
 def backup(path: str, source: str | None = None, repository: str | None = None, full: bool = False,
            excludes: list[str] | None = None, error_budget: int = 100, verify_sample: int = 8,
            password_secret: str | None = None) -> BackupSummary:
@@ -45,7 +52,7 @@ def backup(path: str, source: str | None = None, repository: str | None = None, 
         with state.repo.lock(purpose=f"backup of {source}", scope=f"source:{source}"):
             parent = find_parent(run, source)
             listing = discover(run, path, excludes or [])
-            plan = plan_changes(run, listing.listing, listing.scan_started_ns, parent, full)
+            plan = plan_changes(run, listing.listing, parent, full)
             state.session = state.repo.write_session()
             adopted = state.session.adopt_orphan_packs()
             progress.start(run, plan.bytes_to_read, plan.files_to_read)
@@ -65,7 +72,8 @@ def backup(path: str, source: str | None = None, repository: str | None = None, 
         context.close(run)
     summary = report(BackupSummary(
         snapshot=snapshot, source=source, serial=serial, files=stats["files"],
-        files_new=stats["files_new"], files_changed=stats["files_changed"], files_unchanged=stats["files_unchanged"], errors=stats["errors"], bytes=stats["bytes"],
+        files_new=stats["files_new"], files_changed=stats["files_changed"], files_unchanged=stats["files_unchanged"],
+        errors=stats["errors"], bytes=stats["bytes"],
         bytes_read=stats["bytes_read"], bytes_added=stats["bytes_added"], bytes_stored=stats["bytes_stored"],
         packs_uploaded=stats["packs_uploaded"], packs_adopted=adopted, chunks_verified=verified,
         seconds=time.monotonic() - t0))

@@ -5,17 +5,16 @@ A problem fails the run, so Prefect's failure notifications fire.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.tasks import context
 from vaultflow.tasks.backup import open_repository
 from vaultflow.tasks.check import check_affected, check_packs, check_structure
+from vaultflow.tasks.runner import thread_runner
 
 
 class CheckFailed(VaultflowError):
@@ -26,7 +25,7 @@ class CheckFailed(VaultflowError):
                          f"{first['message']}")
 
 
-@flow(name="check", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+@flow(name="check", task_runner=thread_runner())
 def check(read_data: bool = False, read_data_subset: str | None = None, repository: str | None = None,
           password_secret: str | None = None) -> dict[str, Any]:
     """Verify the repository's structure and, with read_data or a subset (`N%`, `K/N`), its bytes."""

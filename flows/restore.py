@@ -10,19 +10,19 @@ import time
 
 from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.tasks import context, progress
 from vaultflow.tasks.backup import open_repository
 from vaultflow.tasks.restore import RestoreSummary, finish_restore, plan_restore, restore_packs
+from vaultflow.tasks.runner import thread_runner
 
 
 class RestoreFailed(VaultflowError):
     """Some files could not be restored correctly; the others were."""
 
 
-@flow(name="restore", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+@flow(name="restore", task_runner=thread_runner())
 def restore(snapshot: str, target: str, includes: list[str] | None = None, overwrite: bool = False,
             repository: str | None = None, password_secret: str | None = None) -> RestoreSummary:
     """Restore `snapshot` (id prefix, latest, SOURCE:latest, SOURCE:SERIAL) into the folder `target`."""

@@ -5,24 +5,23 @@ Run it on a schedule; a failure fails the flow run, so Prefect's notifications f
 
 from __future__ import annotations
 
-import os
 import time
 
 from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.tasks import context
 from vaultflow.tasks.backup import open_repository
 from vaultflow.tasks.restore_test import FileCheck, pick_samples, restore_and_compare
+from vaultflow.tasks.runner import thread_runner
 
 
 class RestoreTestFailed(VaultflowError):
     """A sampled file did not come back byte for byte."""
 
 
-@flow(name="restore-test", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+@flow(name="restore-test", task_runner=thread_runner())
 def restore_test(sample: int = 20, everything: bool = False, snapshot: str | None = None,
                  repository: str | None = None, password_secret: str | None = None) -> list[FileCheck]:
     """Restore `sample` random files (or `everything`) of each source's latest snapshot and compare them."""

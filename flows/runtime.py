@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vaultflow.storage.errors import VaultflowError
+
 T = TypeVar("T")
 
 HOST = "127.0.0.1"
@@ -43,7 +45,7 @@ _LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _DETACH_SCRIPT = 'log="$1"; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
 
 
-class PrefectServerError(RuntimeError):
+class PrefectServerError(VaultflowError):
     """The Prefect API that vaultflow needs is unreachable, or the embedded server failed to start."""
 
 
@@ -365,7 +367,7 @@ def _wait_healthy(server: EmbeddedServer, pid: int, deadline: float) -> None:
 def _verify_external_api(url: str) -> None:
     health = url.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(health, timeout=5) as resp:
+        with urllib.request.urlopen(health, timeout=10) as resp:  # a busy server is slow, not dead
             resp.read()
     except urllib.error.HTTPError as exc:
         # An answer, even 401/404 (e.g. Prefect Cloud wants a key), proves the server is there; 5xx does not.

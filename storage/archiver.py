@@ -19,18 +19,20 @@ from .pack import BlobType
 from .repository import Repository
 from .upload import WriteSession
 
-RACY_NS = 2_000_000_000  # a file modified this close to the scan start may change again unseen: reread it
+# A file whose mtime is this close to (or after) the moment the parent backup started may have changed again
+# after the parent read it, within one timestamp tick: its metadata cannot prove it unchanged, so reread it.
+RACY_NS = 2_000_000_000
 _STAT_COLS = ("size", "mtime_ns", "ctime_ns", "inode")
 RESULT_SCHEMA = pa.schema([("content_hash", ID), ("chunks", pa.list_(ID)), ("size", pa.int64()),
                            ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()), ("inode", pa.uint64()),
                            ("error", pa.string())])
 
 
-def plan_changes(listing: pa.Table, parent: pa.Table | None, scan_started_ns: int, full: bool) -> pa.Table:
+def plan_changes(listing: pa.Table, parent: pa.Table | None, parent_started_ns: int, full: bool) -> pa.Table:
     """The listing plus `read` (must be read), `status`, and the parent's chunks for files that are unchanged.
 
     A file is unchanged when type, size, mtime, ctime and inode all match the parent's entry, the parent read
-    it without error, and its mtime is not within RACY_NS of the scan start.
+    it without error, and its mtime is older than RACY_NS before the parent backup started (racy-git's rule).
     """
     parent = parent if parent is not None else FILES_SCHEMA.empty_table()
     p = pa.table({"p_key": raw_paths(parent), "p_type": parent["type"], "p_status": parent["status"],
@@ -43,7 +45,7 @@ def plan_changes(listing: pa.Table, parent: pa.Table | None, scan_started_ns: in
     for c in _STAT_COLS:
         same = pc.and_(same, pc.equal(j[c], j[f"p_{c}"]))
     same = pc.and_(same, pc.not_equal(j["p_status"], "error"))
-    same = pc.and_(same, pc.less(j["mtime_ns"], scan_started_ns - RACY_NS))
+    same = pc.and_(same, pc.less(j["mtime_ns"], parent_started_ns - RACY_NS))
     same = pc.fill_null(same, False)
     if full:
         same = pa.array([False] * j.num_rows, pa.bool_())
@@ -52,7 +54,10 @@ def plan_changes(listing: pa.Table, parent: pa.Table | None, scan_started_ns: in
                                          pc.equal(j["ctime_ns"], j["p_ctime_ns"])), False)
     status = pc.if_else(pc.invert(known), "new",
                         pc.if_else(pc.or_(same, pc.and_(pc.invert(is_file), metadata_same)), "unchanged", "changed"))
-    keep = lambda col: pc.if_else(same, from_parent[col], pa.nulls(j.num_rows, from_parent[col].type))  # noqa: E731
+
+    def keep(col: str) -> pa.Array:
+        return pc.if_else(same, from_parent[col], pa.nulls(j.num_rows, from_parent[col].type))
+
     out = j.drop_columns([c for c in j.column_names if c.startswith("p_")])
     return out.append_column("content_hash", keep("content_hash")).append_column("chunks", keep("chunks")) \
         .append_column("parent_hash", from_parent["content_hash"]).append_column("status", status) \
@@ -60,16 +65,19 @@ def plan_changes(listing: pa.Table, parent: pa.Table | None, scan_started_ns: in
 
 
 def batches(sizes: list[int], max_bytes: int, max_files: int) -> list[tuple[int, int]]:
-    """[start, end) row ranges of consecutive files, each up to max_bytes (a larger file alone) or max_files."""
+    """[start, end) row ranges of consecutive files, each up to max_bytes (a larger file alone) or max_files.
+
+    Largest first: a big file's batch started last would leave the other workers idle at the end.
+    """
     out, start, total = [], 0, 0
     for i, size in enumerate(sizes):
         if i > start and (total + size > max_bytes or i - start >= max_files):
-            out.append((start, i))
+            out.append((total, start, i))
             start, total = i, 0
         total += size
     if start < len(sizes):
-        out.append((start, len(sizes)))
-    return out
+        out.append((total, start, len(sizes)))
+    return [(s, e) for _, s, e in sorted(out, key=lambda b: (-b[0], b[1]))]
 
 
 @dataclass
@@ -149,7 +157,8 @@ def files_table(plan: pa.Table, read_rows: pa.Table, results: pa.Table) -> pa.Ta
                                               "unchanged", "changed")))
     updated = read_rows
     for col in ("content_hash", "chunks", "size", "mtime_ns", "ctime_ns", "inode"):
-        updated = updated.set_column(updated.column_names.index(col), col, results[col].cast(FILES_SCHEMA.field(col).type))
+        column = results[col].cast(FILES_SCHEMA.field(col).type)
+        updated = updated.set_column(updated.column_names.index(col), col, column)
     updated = updated.set_column(updated.column_names.index("status"), "status", status)
     updated = updated.append_column("error", results["error"])
     unread = plan.filter(pc.invert(plan["read"]))

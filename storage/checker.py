@@ -12,8 +12,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import IntegrityError, ObjectMissing, VaultflowError
 from .crypto import content_hash
+from .errors import IntegrityError, ObjectMissing, VaultflowError
 from .index import Index, encode_index_file
 from .pack import PackEntry
 from .repository import Repository

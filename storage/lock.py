@@ -97,7 +97,8 @@ class Lock:
                 f"{self.backend.url} is locked: {kind} lock {name} for {info.purpose!r}"
                 f"{f' ({info.scope})' if info.scope else ''} held by pid {info.pid} on "
                 f"{info.host}, refreshed {time.time() - info.refreshed:.0f} s ago; it expires after "
-                f"{self.stale_after:.0f} s without refresh, or remove it with `vaultflow unlock` if that process is gone")
+                f"{self.stale_after:.0f} s without refresh; if that process is gone, delete {name} from the "
+                "repository")
         self._thread = threading.Thread(target=self._refresh_loop, name="vaultflow-lock-refresh", daemon=True)
         self._thread.start()
         return self

@@ -130,7 +130,8 @@ class PackWriter:
             data = decode_blob(self._sealer, dctx, sealed, entry, "pack being written")
             if entry.type == BlobType.DATA and keyed_hash(self._chunk_id_key, data) != entry.id:
                 raise IntegrityError("pack being written", f"blob {entry.id.hex()} does not match its id after "
-                                     "encryption (memory corruption?); nothing was uploaded", "check this machine's RAM")
+                                     "encryption (memory corruption?); nothing was uploaded",
+                                     "check this machine's RAM")
 
 
 class PackReader:

@@ -90,16 +90,19 @@ class Repository:
     @classmethod
     def init(cls, url: str, password: str, *, storage_options: dict[str, Any] | None = None,
              kdf: KdfParams | None = None, chunker: ChunkerParams | None = None, pack_size: int = 16 << 20,
-             private_manifests: bool = False) -> Repository:
+             private_manifests: bool = False, compression_level: int = 3) -> Repository:
         """Create a repository; the config is written last, so a half-created one is not mistaken for one."""
         backend = Backend(url, storage_options)
         if backend.exists(CONFIG):
             raise RepositoryExists(f"{url} already holds a vaultflow repository; open it, or choose another location")
         if not 1 << 20 <= pack_size <= 1 << 30:
             raise ValueError("pack_size must be between 1 MiB and 1 GiB")
+        if not -7 <= compression_level <= 19:
+            raise ValueError("compression_level must be a zstd level between -7 and 19")
         master = MasterKey.generate()
         config = RepoConfig(id=os.urandom(16).hex(), created=utc_now(), chunker=chunker or ChunkerParams(),
-                            pack_size=pack_size, private_manifests=private_manifests)
+                            pack_size=pack_size, compression_level=compression_level,
+                            private_manifests=private_manifests)
         key_name = cls._write_key(backend, master, password, kdf)
         backend.write(CONFIG, config.encode(master.config_key))
         return cls(backend, config, master, key_name)

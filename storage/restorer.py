@@ -333,10 +333,14 @@ class Restorer:
             if self._show(first) in self.result.failed:
                 self._fail(i, f"hard link target {self._show(first)!r} failed")
                 continue
-            self._at(i, lambda name, fd, f=first: os.link(os.path.join(self.target, self.raws[f]), name,
-                                                           dst_dir_fd=fd, follow_symlinks=False))
+            existing = os.path.join(self.target, self.raws[first])
+
+            def hardlink(name: bytes, fd: int, existing: bytes = existing) -> None:
+                os.link(existing, name, dst_dir_fd=fd, follow_symlinks=False)
+
+            self._at(i, hardlink)
         for i in self._order("fifo"):
-            self._at(i, lambda name, fd: os.mkfifo(name, 0o600, dir_fd=fd))
+            self._at(i, _mkfifo)
         for kind in _NOT_CREATED:
             for i in self._order(kind):
                 self.result.skipped[self._show(i)] = f"{kind} entries are recorded, not restored"
@@ -345,7 +349,11 @@ class Restorer:
             if target is None:
                 self._fail(i, "symlink target was not recorded")
                 continue
-            if self._at(i, lambda name, fd, t=target: os.symlink(t, name, dir_fd=fd)):
+
+            def symlink(name: bytes, fd: int, target: bytes = target) -> None:
+                os.symlink(target, name, dir_fd=fd)
+
+            if self._at(i, symlink):
                 self.result.links += 1
 
     def _at(self, i: int, make: Callable[[bytes, int], None]) -> bool:
@@ -388,3 +396,7 @@ class Restorer:
                 self._fail(i, f"metadata not restored: {e.strerror}")
             finally:
                 os.close(fd)
+
+
+def _mkfifo(name: bytes, fd: int) -> None:
+    os.mkfifo(name, 0o600, dir_fd=fd)

@@ -133,8 +133,11 @@ class Packer:
         self.session = session
         repo = session.repo
         self._size = repo.config.pack_size
-        self._new = lambda: PackWriter(repo.master.blob_key, repo.master.chunk_id_key, repo.config.compression_level)
         self._writer = self._new()
+
+    def _new(self) -> PackWriter:
+        repo = self.session.repo
+        return PackWriter(repo.master.blob_key, repo.master.chunk_id_key, repo.config.compression_level)
 
     def add(self, blob_id: bytes, blob_type: int, data: bytes | memoryview) -> int:
         stored = self._writer.add(blob_id, blob_type, data)

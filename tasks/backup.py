@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -32,6 +33,7 @@ TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 class Parent(BaseModel):
     id: str
     serial: int
+    started_ns: int  # when the parent backup started: files modified near or after it are racy
 
 
 class Plan(BaseModel):
@@ -67,17 +69,18 @@ def find_parent(run: str, source: str) -> Parent | None:
     if latest is None:
         return None
     rid, rec = latest
-    return Parent(id=rid, serial=rec.serial)
+    started = datetime.fromisoformat(rec.started.replace("Z", "+00:00"))
+    return Parent(id=rid, serial=rec.serial, started_ns=int(started.timestamp()) * 10**9 + started.microsecond * 1000)
 
 
 @task(**TASK)
-def plan_changes(run: str, listing_path: str, scan_started_ns: int, parent: Parent | None, full: bool,
+def plan_changes(run: str, listing_path: str, parent: Parent | None, full: bool,
                  batch_bytes: int = 64 << 20, batch_files: int = 2048) -> Plan:
     """Join the listing with the parent manifest; write the plan and the files to read to scratch."""
     state = context.get(run)
     listing = pa.ipc.open_file(pa.memory_map(listing_path)).read_all()
     parent_files = state.repo.files_table(state.repo.snapshot(parent.id)) if parent else None
-    plan = archiver.plan_changes(listing, parent_files, scan_started_ns, full)
+    plan = archiver.plan_changes(listing, parent_files, parent.started_ns if parent else 0, full)
     to_read = plan.filter(plan["read"])
     _write_ipc(plan, state.scratch / "plan.arrow")
     _write_ipc(to_read, state.scratch / "read.arrow")
@@ -130,7 +133,8 @@ def write_manifest(run: str, source: str, serial: int, discover_errors: list[tup
     objects[name] = _write_fresh(repo, name, data)
     errors = files.filter(pc.equal(files["status"], "error"))
     error_rows = [{"path": p, "raw_path": r, "stage": "read", "error": e} for p, r, e in
-                  zip(errors["path"].to_pylist(), errors["raw_path"].to_pylist(), errors["error"].to_pylist())]
+                  zip(errors["path"].to_pylist(), errors["raw_path"].to_pylist(), errors["error"].to_pylist(),
+                      strict=True)]
     error_rows += [{"path": manifest.display_path(os.fsencode(p))[0], "raw_path": manifest.display_path(
         os.fsencode(p))[1], "stage": "discover", "error": e} for p, e in discover_errors]
     if error_rows and not repo.config.private_manifests:
@@ -191,8 +195,6 @@ def commit_snapshot(run: str, source: str, serial: int, parent: Parent | None, s
 
 
 def _ts(text: str) -> Any:
-    from datetime import datetime
-
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 

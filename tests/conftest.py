@@ -63,7 +63,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto S3 server did not start on {endpoint}:\n{log.read_text()[-2000:]}")
+                raise RuntimeError(f"moto S3 server did not start on {endpoint}:\n{log.read_text()[-2000:]}") \
+                    from None
             time.sleep(0.1)
     try:
         yield S3Server(endpoint, env)

@@ -69,7 +69,8 @@ def test_polars_reads_the_same_manifests(two_snapshots, location):
 
 
 def test_snapshots_table_has_one_row_per_snapshot(two_snapshots, location):
-    rows = duck(location).sql(f"select serial, files, files_changed from read_parquet('{location.url}/tables/snapshots/**/"
-                      "*.parquet', hive_partitioning = true) order by serial").fetchall()
+    rows = duck(location).sql("select serial, files, files_changed from read_parquet("
+                              f"'{location.url}/tables/snapshots/**/*.parquet', hive_partitioning = true) "
+                              "order by serial").fetchall()
     assert rows == [(1, 2, 0), (2, 2, 1)]
     assert not two_snapshots.backend.exists("tables/errors")  # no errors, no errors table

@@ -97,10 +97,14 @@ def test_second_backup_reads_only_what_changed_and_full_rereads_all(repo_env, tm
 def test_racy_mtime_files_are_reread(repo_env, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "hot").write_bytes(b"x" * 100)  # modified just now: within the racy window of the scan
+    (src / "hot").write_bytes(b"x" * 100)  # modified just before the first backup started: racy
+    (src / "cold").write_bytes(b"y" * 10)
+    old = time.time() - 60
+    os.utime(src / "cold", (old, old))
     run_backup(repo_env, src, source="racy")
+    time.sleep(2.1)  # however long after, the first backup could not prove "hot" stable
     again = run_backup(repo_env, src, source="racy")
-    assert again.bytes_read == 100
+    assert again.bytes_read == 100 and again.files_unchanged == 2
 
 
 def test_plan_marks_racy_and_unchanged_rows():
@@ -109,7 +113,7 @@ def test_plan_marks_racy_and_unchanged_rows():
     from vaultflow.storage.manifest import FILES_SCHEMA
     from vaultflow.tasks.sources.filesystem import LISTING_SCHEMA
 
-    now = time.time_ns()
+    now = time.time_ns()  # the parent backup started now
     base = {"raw_path": None, "type": "file", "size": 5, "mode": 0o100644, "uid": 0, "gid": 0, "ctime_ns": 1,
             "inode": 7, "dev": 1, "nlink": 1, "link_target": None}
     listing = pa.Table.from_pylist([{**base, "key": b"old", "path": "old", "mtime_ns": now - 10**10},
@@ -180,3 +184,21 @@ def test_unreadable_files_and_dirs_are_recorded():
     finally:
         os.chmod(base / "src" / "locked-dir", 0o755)
         shutil.rmtree(base)
+
+
+def test_private_manifests_keep_paths_out_of_storage(location, prefect_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("VAULTFLOW_PASSWORD", "pw")
+    monkeypatch.setenv("VAULTFLOW_STORAGE_OPTIONS", json.dumps(location.storage_options))
+    repo = Repository.init(location.url, "pw", storage_options=location.storage_options, kdf=FAST_KDF,
+                           private_manifests=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "salary-review-2026.xlsx").write_bytes(b"confidential")
+    summary = run_backup(repo, src, source="hr")
+    names = [n for n, _ in repo.backend.list("")]
+    assert any(n.endswith("files.parquet.enc") for n in names)
+    assert not any(n.startswith("tables/") for n in names)  # no clear-text analytics tables either
+    for name in names:
+        assert b"salary-review" not in repo.backend.read(name), name
+    assert read_back(reopen(repo)) == {b"salary-review-2026.xlsx": b"confidential"}
+    assert summary.files == 1

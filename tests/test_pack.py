@@ -18,7 +18,7 @@ BLOB_KEY, ID_KEY = os.urandom(32), os.urandom(32)
 def build(blobs: list[bytes]) -> tuple[bytes, list[bytes]]:
     w = PackWriter(BLOB_KEY, ID_KEY)
     ids = [keyed_hash(ID_KEY, b) for b in blobs]
-    for bid, b in zip(ids, blobs):
+    for bid, b in zip(ids, blobs, strict=True):
         w.add(bid, BlobType.DATA, b)
     return w.finish(), ids
 
@@ -32,7 +32,7 @@ def read_all(data: bytes, name: str = "data/ab/pack1") -> dict[bytes, bytes]:
 @given(st.lists(st.binary(max_size=5000) | st.builds(lambda n: b"ab" * n, st.integers(0, 20000)), max_size=8))
 def test_blobs_round_trip(blobs):
     data, ids = build(blobs)
-    assert read_all(data) == dict(zip(ids, blobs))
+    assert read_all(data) == dict(zip(ids, blobs, strict=True))
 
 
 def test_compressible_blobs_are_compressed_and_random_ones_are_not():

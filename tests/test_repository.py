@@ -10,8 +10,15 @@ import pytest
 from conftest import FAST_KDF
 
 from vaultflow.storage.backend import Backend
-from vaultflow.storage.errors import (IntegrityError, NotARepository, ObjectMissing, RepositoryExists,
-                                      RepositoryLocked, VaultflowError, WrongPassword)
+from vaultflow.storage.errors import (
+    IntegrityError,
+    NotARepository,
+    ObjectMissing,
+    RepositoryExists,
+    RepositoryLocked,
+    VaultflowError,
+    WrongPassword,
+)
 from vaultflow.storage.lock import LockInfo
 from vaultflow.storage.pack import BlobType
 from vaultflow.storage.repository import Repository
@@ -31,7 +38,7 @@ def store(repo: Repository, blobs: list[bytes], write_index: bool = True) -> lis
     session = repo.write_session()
     packer = session.packer()
     ids = [repo.chunk_id(b) for b in blobs]
-    for bid, blob, mine in zip(ids, blobs, session.claim(ids)):
+    for bid, blob, mine in zip(ids, blobs, session.claim(ids), strict=True):
         if mine:
             packer.add(bid, BlobType.DATA, blob)
     packer.flush()
@@ -138,7 +145,7 @@ def test_damaged_index_file_is_reported_by_name(location):
     [(name, _)] = list(repo.backend.list("index"))
     corrupt(repo.backend, name, 60)
     with pytest.raises(IntegrityError, match=name):
-        reopen(location).index
+        _ = reopen(location).index
 
 
 def test_tampered_config_and_key_file_are_reported(location):

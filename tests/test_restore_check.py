@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from backup_helpers import awkward_tree
 from conftest import FAST_KDF
 
 from vaultflow.storage.checker import Checker, rebuild_index
@@ -26,8 +25,7 @@ def backed_up(location, prefect_server, monkeypatch, tmp_path):
 
     monkeypatch.setenv("VAULTFLOW_PASSWORD", "pw")
     monkeypatch.setenv("VAULTFLOW_STORAGE_OPTIONS", json.dumps(location.storage_options))
-    repo = Repository.init(location.url, "pw", storage_options=location.storage_options, kdf=FAST_KDF,
-                           pack_size=1 << 20)
+    Repository.init(location.url, "pw", storage_options=location.storage_options, kdf=FAST_KDF, pack_size=1 << 20)
     src = tmp_path / "src"
     for i in range(12):
         (src / f"d{i % 2}").mkdir(parents=True, exist_ok=True)

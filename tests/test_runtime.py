@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 from prefect_fixtures import free_port
+
 from vaultflow.flows import runtime
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,10 +35,9 @@ def _excluded(rel: bytes, name: bytes, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(text, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
 
 
-def scan(root: str | Path, excludes: list[str] | None = None) -> tuple[pa.Table, list[tuple[bytes, str]], int]:
-    """Walk `root` (a directory, or a single file) into a listing sorted by path; returns (table, errors, start)."""
+def scan(root: str | Path, excludes: list[str] | None = None) -> tuple[pa.Table, list[tuple[bytes, str]]]:
+    """Walk `root` (a directory, or a single file) into a listing sorted by path; returns (table, errors)."""
     root_b = os.fsencode(os.path.abspath(root))
-    started = time.time_ns()
     try:
         st_root = os.stat(root_b)
     except OSError as e:
@@ -92,7 +90,7 @@ def scan(root: str | Path, excludes: list[str] | None = None) -> tuple[pa.Table,
                     if add(rel, st, de.path) == "dir":
                         stack.append(rel)
     table = pa.table(cols, schema=LISTING_SCHEMA).sort_by("key")
-    return table, errors, started
+    return table, errors
 
 
 class ListingInfo(BaseModel):
@@ -103,7 +101,6 @@ class ListingInfo(BaseModel):
     entries: int
     files: int
     bytes: int
-    scan_started_ns: int
     errors: list[tuple[str, str]]  # (path, message), paths decoded for display
 
 
@@ -112,7 +109,7 @@ def discover(run: str, path: str, excludes: list[str]) -> ListingInfo:
     """Walk a local tree into an Arrow listing on the run's scratch space."""
     from vaultflow.tasks import context
 
-    table, errors, started = scan(path, excludes)
+    table, errors = scan(path, excludes)
     out = context.get(run).scratch / "listing.arrow"
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -120,5 +117,5 @@ def discover(run: str, path: str, excludes: list[str]) -> ListingInfo:
     abs_path = os.path.abspath(path)
     root = abs_path if os.path.isdir(abs_path) else os.path.dirname(abs_path)
     return ListingInfo(listing=str(out), root=root, entries=table.num_rows, files=files.num_rows,
-                       bytes=int(pc.sum(files["size"]).as_py() or 0), scan_started_ns=started,
+                       bytes=int(pc.sum(files["size"]).as_py() or 0),
                        errors=[(display_path(p)[0], m) for p, m in errors])
