@@ -77,7 +77,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from vaultflow.flows.backup import ErrorBudgetExceeded
 
     try:
-        summary = _run(runtime, "backup", "backup", path=args.path, source=args.source, repository=s.url,
+        summary = _run(runtime, "backup", "backup", paths=args.paths, source=args.source, repository=s.url,
                        full=args.full, excludes=args.exclude, error_budget=args.error_budget,
                        verify_sample=args.verify_sample, password_secret=s.password_secret)
     except ErrorBudgetExceeded as e:
@@ -155,7 +155,8 @@ def _timings() -> bool:
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     b = sub.add_parser("backup", parents=[common], help="back up a file tree as a new snapshot (a Prefect flow run)")
-    b.add_argument("path", help="the directory (or file) to back up")
+    b.add_argument("paths", nargs="+", metavar="PATH",
+                   help="directories and files to back up (several: stored relative to their common folder)")
     b.add_argument("--source", help="source name (default: derived from the absolute path)")
     b.add_argument("--full", action="store_true", help="re-read every file instead of trusting unchanged metadata")
     b.add_argument("--exclude", action="append", default=[], metavar="GLOB",

@@ -13,14 +13,7 @@ from typing import Any
 
 from vaultflow.storage.repository import Repository
 from vaultflow.storage.snapshot import SnapshotRecord
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
+from vaultflow.tasks.fmt import human_bytes
 
 
 def _columns(rows: list[list[str]], header: list[str]) -> str:
@@ -39,7 +32,7 @@ def snapshots(repo: Repository, as_json: bool, source: str | None) -> int:
         print()
         return 0
     rows = [[rid[:12], r.source, str(r.serial), r.finished[:19].replace("T", " "), r.host,
-             str(r.stats.get("files", "")), _size(float(r.stats.get("bytes", 0))), ", ".join(r.paths)]
+             str(r.stats.get("files", "")), human_bytes(float(r.stats.get("bytes", 0))), ", ".join(r.paths)]
             for rid, r in records]
     print(_columns(rows, ["id", "source", "serial", "finished (UTC)", "host", "files", "size", "paths"]))
     print(f"{len(rows)} snapshots")
@@ -84,6 +77,6 @@ def stats(repo: Repository, as_json: bool) -> int:
         print(json.dumps(out, indent=1))
         return 0
     for key, value in out.items():
-        shown = _size(value) if key.endswith("bytes") else value
+        shown = human_bytes(value) if key.endswith("bytes") else value
         print(f"{key.replace('_', ' '):>22}: {shown}")
     return 0

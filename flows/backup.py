@@ -26,32 +26,36 @@ from vaultflow.tasks.backup import (
 )
 from vaultflow.tasks.report import BackupSummary, report
 from vaultflow.tasks.runner import thread_runner
-from vaultflow.tasks.sources.filesystem import discover
+from vaultflow.tasks.sources.filesystem import discover, source_root
 
 
 class ErrorBudgetExceeded(VaultflowError):
     """More files failed than the run allows; the snapshot was still committed with what could be read."""
 
 
-def default_source_name(path: str) -> str:
-    """A stable source name from the absolute path: /home/ann/data → home-ann-data."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.abspath(path)).strip("-.")
+def default_source_name(paths: list[str]) -> str:
+    """A stable source name from the absolute path (or the paths' common folder): /home/ann/data → home-ann-data."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source_root(paths)).strip("-.")
     return slug[:128] or "root"
 
 
 @flow(name="backup", task_runner=thread_runner())
-def backup(path: str, source: str | None = None, repository: str | None = None, full: bool = False,
+def backup(paths: list[str], source: str | None = None, repository: str | None = None, full: bool = False,
            excludes: list[str] | None = None, error_budget: int = 100, verify_sample: int = 8,
            password_secret: str | None = None) -> BackupSummary:
-    """Back up the tree at `path` as a new snapshot of `source` (default: a name derived from the path)."""
+    """Back up the trees and files at `paths` as a new snapshot of `source` (default: named after the paths).
+
+    One directory is stored relative to itself; several paths relative to their common folder, so a restore
+    recreates them side by side."""
     t0, started = time.monotonic(), utc_now()
-    source = check_source_name(source or default_source_name(path))
+    paths = [os.path.abspath(p) for p in paths]
+    source = check_source_name(source or default_source_name(paths))
     run = open_repository(repository, password_secret)
     state = context.get(run)
     try:
         with state.repo.lock(purpose=f"backup of {source}", scope=f"source:{source}"):
             parent = find_parent(run, source)
-            listing = discover(run, path, excludes or [])
+            listing = discover(run, paths, excludes or [])
             plan = plan_changes(run, listing.listing, parent, full)
             state.session = state.repo.write_session()
             adopted = state.session.adopt_orphan_packs()
@@ -65,7 +69,7 @@ def backup(path: str, source: str | None = None, repository: str | None = None, 
             stats = {**written.stats, "bytes_read": sum(b["bytes_read"] for b in read),
                      "bytes_added": s.bytes_new_raw, "bytes_stored": s.bytes_new_stored,
                      "packs_uploaded": s.packs_uploaded, "packs_adopted": adopted}
-            snapshot = commit_snapshot(run, source, serial, parent, started, [os.path.abspath(path)], written, stats)
+            snapshot = commit_snapshot(run, source, serial, parent, started, paths, written, stats)
             verified = verify_snapshot(run, snapshot, verify_sample)
     finally:
         progress.finish(run)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vaultflow.storage.errors import VaultflowError
+from vaultflow.storage.lock import pid_alive
 
 T = TypeVar("T")
 
@@ -349,7 +350,7 @@ def _wait_healthy(server: EmbeddedServer, pid: int, deadline: float) -> None:
     while True:
         if _healthy(server.api_url):
             return
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             server.pid_path.unlink(missing_ok=True)
             raise PrefectServerError(
                 f"the embedded Prefect server (pid {pid}, port {server.port}) exited before becoming "
@@ -427,26 +428,9 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    if _HAVE_PROC:
-        # PID 1 in containers often does not reap orphans: a dead server lingers as a zombie.
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_embedded_server_process(pid: int) -> bool:
     """Guards against pid reuse: only a live `python -m prefect server start` counts as our server."""
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     argv = _cmdline(pid)
     if argv is None:
@@ -476,13 +460,13 @@ def _terminate(pid: int, timeout: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
 

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import TracebackType
 
 from .backend import Backend
@@ -32,7 +33,16 @@ class LockInfo:
     scope: str = ""  # two locks with the same non-empty scope conflict (one backup per source at a time)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        # PID 1 in containers often does not reap orphans: a dead process lingers as a zombie.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: ask the kernel
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +55,7 @@ def _pid_alive(pid: int) -> bool:
 def is_stale(info: LockInfo, now: float, stale_after: float = STALE_AFTER) -> bool:
     if now - info.refreshed > stale_after:
         return True
-    return info.host == socket.gethostname() and not _pid_alive(info.pid)
+    return info.host == socket.gethostname() and not pid_alive(info.pid)
 
 
 class Lock:

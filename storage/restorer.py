@@ -228,23 +228,17 @@ class Restorer:
             if row["chunks"] is None:
                 self._fail(i, f"not restored: the backup could not read it ({row['error']})")
                 continue
-            try:
-                fd, name = self._parent_fd(self.raws[i])
+
+            def create(name: bytes, fd: int, size: int = row["size"]) -> None:
+                f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                            dir_fd=fd)
                 try:
-                    if self.overwrite:
-                        try:
-                            os.unlink(name, dir_fd=fd)
-                        except FileNotFoundError:
-                            pass
-                    f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                                dir_fd=fd)
-                    os.ftruncate(f, row["size"])
-                    os.close(f)
+                    os.ftruncate(f, size)
                 finally:
-                    os.close(fd)
+                    os.close(f)
+
+            if self._at(i, create):
                 created.append(i)
-            except OSError as e:
-                self._fail(i, f"not created: {e.strerror}")
         return created
 
     # -- data ----------------------------------------------------------------------------------------------

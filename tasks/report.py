@@ -7,6 +7,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from .fmt import human_bytes
+
 
 class BackupSummary(BaseModel):
     snapshot: str
@@ -40,22 +42,21 @@ class BackupSummary(BaseModel):
         return self.bytes_added / self.bytes_stored if self.bytes_stored else 1.0
 
     def rows(self) -> list[dict[str, str]]:
-        mib = 1 << 20
         return [
             {"measure": "snapshot", "value": f"{self.source} #{self.serial} ({self.snapshot[:12]})"},
             {"measure": "files new / changed / unchanged / errored",
              "value": f"{self.files_new} / {self.files_changed} / {self.files_unchanged} / {self.errors}"},
-            {"measure": "bytes in snapshot", "value": f"{self.bytes / mib:,.1f} MiB"},
-            {"measure": "bytes read", "value": f"{self.bytes_read / mib:,.1f} MiB"},
-            {"measure": "bytes added (new data)", "value": f"{self.bytes_added / mib:,.1f} MiB"},
-            {"measure": "bytes stored (compressed, encrypted)", "value": f"{self.bytes_stored / mib:,.1f} MiB"},
+            {"measure": "bytes in snapshot", "value": human_bytes(self.bytes)},
+            {"measure": "bytes read", "value": human_bytes(self.bytes_read)},
+            {"measure": "bytes added (new data)", "value": human_bytes(self.bytes_added)},
+            {"measure": "bytes stored (compressed, encrypted)", "value": human_bytes(self.bytes_stored)},
             {"measure": "dedup ratio (read / added)", "value": f"{self.dedup_ratio:,.2f}"},
             {"measure": "compression ratio (added / stored)", "value": f"{self.compression_ratio:,.2f}"},
             {"measure": "packs uploaded / adopted from an interrupted run",
              "value": f"{self.packs_uploaded} / {self.packs_adopted}"},
             {"measure": "chunks read back and verified", "value": str(self.chunks_verified)},
             {"measure": "duration", "value": f"{self.seconds:,.2f} s"},
-            {"measure": "throughput (read)", "value": f"{self.throughput / mib:,.1f} MiB/s"},
+            {"measure": "throughput (read)", "value": f"{human_bytes(self.throughput)}/s"},
         ]
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from vaultflow.storage.restorer import Restorer, select
 
 from . import context, progress
+from .fmt import human_bytes
 from .retry import RETRY
 
 TASK = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -40,7 +41,7 @@ class RestoreSummary(BaseModel):
     def rows(self) -> list[dict[str, str]]:
         return [{"measure": "snapshot", "value": self.snapshot[:12]}, {"measure": "target", "value": self.target},
                 {"measure": "files restored and verified", "value": f"{self.files:,}"},
-                {"measure": "bytes", "value": f"{self.bytes / (1 << 20):,.1f} MiB"},
+                {"measure": "bytes", "value": human_bytes(self.bytes)},
                 {"measure": "directories / symlinks", "value": f"{self.dirs:,} / {self.links:,}"},
                 {"measure": "failed", "value": f"{len(self.failed):,}"},
                 {"measure": "skipped (sockets, devices, partial reads)", "value": f"{len(self.skipped):,}"},

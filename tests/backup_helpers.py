@@ -66,7 +66,7 @@ def unreadable_report(src: str, repo_url: str) -> tuple[list[str], list[str | No
     from vaultflow.storage import archiver
     from vaultflow.tasks.sources.filesystem import scan
 
-    _, errors = scan(src)
+    _, errors, _ = scan(src)
     repo = Repository.open(repo_url, "pw")
     results, _ = archiver.archive_files(repo, repo.write_session(), src, [b"secret", b"fine"])
     return [f"{os.fsdecode(p)}: {m}" for p, m in errors], results["error"].to_pylist()

@@ -32,10 +32,10 @@ def two_snapshots(location, prefect_server, monkeypatch, tmp_path):
     src.mkdir(parents=True)
     (src / "report.csv").write_text("a,b\n1,2\n")
     (src / "other.txt").write_text("x")
-    run_flow(backup, path=str(src.parent), source="reports", repository=location.url)
+    run_flow(backup, paths=[str(src.parent)], source="reports", repository=location.url)
     time.sleep(0.01)
     (src / "report.csv").write_text("a,b\n1,2\n3,4\n")
-    run_flow(backup, path=str(src.parent), source="reports", repository=location.url)
+    run_flow(backup, paths=[str(src.parent)], source="reports", repository=location.url)
     return repo
 
 

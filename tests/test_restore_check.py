@@ -30,10 +30,10 @@ def backed_up(location, prefect_server, monkeypatch, tmp_path):
     for i in range(12):
         (src / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
         (src / f"d{i % 2}" / f"f{i:02d}.bin").write_bytes(os.urandom(300_000))
-    run_flow(backup, path=str(src), source="tree", repository=location.url)
+    run_flow(backup, paths=[str(src)], source="tree", repository=location.url)
     time.sleep(0.01)
     (src / "d0" / "new.txt").write_text("second snapshot\n")
-    run_flow(backup, path=str(src), source="tree", repository=location.url)
+    run_flow(backup, paths=[str(src)], source="tree", repository=location.url)
     return Repository.open(location.url, "pw", storage_options=location.storage_options), src
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,13 +34,33 @@ def _excluded(rel: bytes, name: bytes, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(text, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
 
 
-def scan(root: str | Path, excludes: list[str] | None = None) -> tuple[pa.Table, list[tuple[bytes, str]]]:
-    """Walk `root` (a directory, or a single file) into a listing sorted by path; returns (table, errors)."""
-    root_b = os.fsencode(os.path.abspath(root))
-    try:
-        st_root = os.stat(root_b)
-    except OSError as e:
-        raise SourceError(f"cannot back up {os.fsdecode(root_b)}: {e.strerror}") from None
+def _outermost(paths: list[str]) -> list[str]:
+    """The absolute paths, each once, without those inside another one (they are walked with it)."""
+    absolute = sorted({os.path.abspath(p) for p in paths})
+    for p in absolute:
+        if not os.path.lexists(p):
+            raise SourceError(f"cannot back up {p}: no such file or directory")
+    return [p for p in absolute if not any(p.startswith(q.rstrip("/") + "/") for q in absolute if q != p)]
+
+
+def source_root(paths: list[str]) -> str:
+    """The folder listing paths are relative to: a single directory itself, else the paths' common parent."""
+    absolute = [os.path.abspath(p) for p in paths]
+    if len(absolute) == 1 and os.path.isdir(absolute[0]):
+        return absolute[0]
+    return os.path.commonpath([os.path.dirname(p) for p in absolute])
+
+
+def scan(paths: list[str] | str, excludes: list[str] | None = None) -> tuple[pa.Table, list[tuple[bytes, str]],
+                                                                          str]:
+    """Walk the given directories and files into one listing sorted by path; returns (table, errors, root).
+
+    Paths in the listing are relative to `root` (see source_root), and the directories between the root
+    and each path are listed too, so a restore recreates them.
+    """
+    paths = _outermost([paths] if isinstance(paths, str) else paths)
+    root = source_root(paths)
+    root_b = os.fsencode(root)
     patterns = list(excludes or [])
     cols: dict[str, list[object]] = {name: [] for name in LISTING_SCHEMA.names}
     errors: list[tuple[bytes, str]] = []
@@ -63,34 +82,46 @@ def scan(root: str | Path, excludes: list[str] | None = None) -> tuple[pa.Table,
             cols[name].append(value)
         return kind
 
-    if not stat.S_ISDIR(st_root.st_mode):  # a single file: its folder is the root
-        folder, name = os.path.split(root_b)
-        add(name, os.lstat(root_b), root_b)
-        root_b = folder
-    else:
-        stack = [b""]
-        while stack:
-            rel_dir = stack.pop()
-            full_dir = root_b + b"/" + rel_dir if rel_dir else root_b
-            try:
-                it = os.scandir(full_dir)
-            except OSError as e:
-                errors.append((rel_dir, f"directory unreadable: {e.strerror}"))
-                continue
-            with it:
-                for de in it:
-                    rel = rel_dir + b"/" + de.name if rel_dir else de.name
-                    if patterns and _excluded(rel, de.name, patterns):
-                        continue
-                    try:
-                        st = de.stat(follow_symlinks=False)
-                    except OSError as e:
-                        errors.append((rel, f"vanished or unreadable while listing: {e.strerror}"))
-                        continue
-                    if add(rel, st, de.path) == "dir":
-                        stack.append(rel)
+    def full(rel: bytes) -> bytes:
+        return root_b.rstrip(b"/") + b"/" + rel if rel else root_b
+
+    stack: list[bytes] = []
+    listed: set[bytes] = set()
+    for p in paths:
+        rel = os.fsencode(os.path.relpath(os.path.abspath(p), root))
+        rel = b"" if rel == b"." else rel
+        parts = rel.split(b"/") if rel else []
+        for n in range(1, len(parts) + 1):  # the folders above the path, then the path itself
+            entry = b"/".join(parts[:n])
+            if entry not in listed:
+                listed.add(entry)
+                kind = add(entry, os.lstat(full(entry)), full(entry))
+                if n == len(parts) and kind == "dir":
+                    stack.append(entry)
+        if not parts:
+            stack.append(b"")
+    while stack:
+        rel_dir = stack.pop()
+        full_dir = full(rel_dir)
+        try:
+            it = os.scandir(full_dir)
+        except OSError as e:
+            errors.append((rel_dir, f"directory unreadable: {e.strerror}"))
+            continue
+        with it:
+            for de in it:
+                rel = rel_dir + b"/" + de.name if rel_dir else de.name
+                if patterns and _excluded(rel, de.name, patterns):
+                    continue
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except OSError as e:
+                    errors.append((rel, f"vanished or unreadable while listing: {e.strerror}"))
+                    continue
+                if add(rel, st, de.path) == "dir":
+                    stack.append(rel)
     table = pa.table(cols, schema=LISTING_SCHEMA).sort_by("key")
-    return table, errors
+    return table, errors, root
 
 
 class ListingInfo(BaseModel):
@@ -105,17 +136,15 @@ class ListingInfo(BaseModel):
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def discover(run: str, path: str, excludes: list[str]) -> ListingInfo:
-    """Walk a local tree into an Arrow listing on the run's scratch space."""
+def discover(run: str, paths: list[str], excludes: list[str]) -> ListingInfo:
+    """Walk local trees into an Arrow listing on the run's scratch space."""
     from vaultflow.tasks import context
 
-    table, errors = scan(path, excludes)
+    table, errors, root = scan(paths, excludes)
     out = context.get(run).scratch / "listing.arrow"
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     files = table.filter(pc.equal(table["type"], "file"))
-    abs_path = os.path.abspath(path)
-    root = abs_path if os.path.isdir(abs_path) else os.path.dirname(abs_path)
     return ListingInfo(listing=str(out), root=root, entries=table.num_rows, files=files.num_rows,
                        bytes=int(pc.sum(files["size"]).as_py() or 0),
                        errors=[(display_path(p)[0], m) for p, m in errors])
