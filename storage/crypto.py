@@ -41,20 +41,27 @@ def content_hash(data: bytes | memoryview) -> str:
 
 
 class Sealer:
-    """AES-256-GCM under one key: `seal` returns nonce || ciphertext || tag."""
+    """AES-256-GCM under one key: `seal` returns prefix || nonce || ciphertext || tag."""
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
 
-    def seal(self, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+    def seal(self, plaintext: bytes | memoryview, aad: bytes, prefix: bytes = b"") -> bytearray:
+        """Encrypt straight into the output buffer: one pass over the data, no concatenation copies."""
         nonce = os.urandom(NONCE_SIZE)
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+        start = len(prefix) + NONCE_SIZE
+        out = bytearray(start + len(plaintext) + TAG_SIZE)
+        out[:start] = prefix + nonce
+        self._aead.encrypt_into(nonce, plaintext, aad, memoryview(out)[start:])
+        return out
 
-    def open(self, sealed: bytes | memoryview, aad: bytes, obj: str) -> bytes:
-        """Decrypt and authenticate; any change to the ciphertext, nonce or `aad` raises IntegrityError."""
-        if len(sealed) < OVERHEAD:
-            raise IntegrityError(obj, f"sealed data is {len(sealed)} bytes, shorter than the {OVERHEAD}-byte minimum")
-        view = memoryview(sealed)
+    def open(self, sealed: bytes | bytearray | memoryview, aad: bytes, obj: str, skip: int = 0) -> bytes:
+        """Decrypt and authenticate `sealed` after its first `skip` bytes; any change to the ciphertext, nonce or
+        `aad` raises IntegrityError."""
+        if len(sealed) < skip + OVERHEAD:
+            raise IntegrityError(obj, f"sealed data is {len(sealed)} bytes, shorter than the "
+                                      f"{skip + OVERHEAD}-byte minimum")
+        view = memoryview(sealed)[skip:]
         try:
             return self._aead.decrypt(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], aad)
         except InvalidTag:

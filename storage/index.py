@@ -136,6 +136,8 @@ class Index:
         if not blob_ids:
             return []
         with self._lock:
+            if not len(self._keys):  # nothing merged yet (a first backup): the dict answers alone
+                return [bid in self._pending for bid in blob_ids]
             q = np.frombuffer(b"".join(blob_ids), np.uint8).reshape(-1, 32)
             keys = _prefix_keys(q)
             hit = np.zeros(len(q), bool)

@@ -47,13 +47,14 @@ class PackEntry:
     raw_length: int
 
 
-def blob_aad(blob_id: bytes, blob_type: int) -> bytes:
-    return blob_id + bytes([blob_type])
+def blob_aad(blob_id: bytes, blob_type: int, codec: int) -> bytes:
+    return blob_id + bytes([blob_type, codec])
 
 
 def encode_blob(sealer: Sealer, cctx: zstandard.ZstdCompressor, blob_id: bytes, blob_type: int,
-                data: bytes | memoryview) -> bytes:
-    """Compress when it pays (a sample decides for large blobs), then seal with the id and type as AAD."""
+                data: bytes | memoryview) -> bytearray:
+    """Compress when it pays (a sample decides for large blobs), then seal: codec || nonce || ciphertext || tag,
+    with id, type and codec as associated data."""
     codec, payload = CODEC_NONE, data
     if len(data) >= 64:
         sample = data[:_SAMPLE] if len(data) > 4 * _SAMPLE else None
@@ -61,15 +62,17 @@ def encode_blob(sealer: Sealer, cctx: zstandard.ZstdCompressor, blob_id: bytes, 
             packed = cctx.compress(data)
             if len(packed) < 0.97 * len(data):
                 codec, payload = CODEC_ZSTD, packed
-    return sealer.seal(bytes([codec]) + bytes(payload), blob_aad(blob_id, blob_type))
+    return sealer.seal(payload, blob_aad(blob_id, blob_type, codec), prefix=bytes([codec]))
 
 
-def decode_blob(sealer: Sealer, dctx: zstandard.ZstdDecompressor, blob: bytes | memoryview, entry: PackEntry,
-                obj: str) -> bytes:
-    plain = sealer.open(blob, blob_aad(entry.id, entry.type), obj)
-    codec, payload = plain[0], memoryview(plain)[1:]
+def decode_blob(sealer: Sealer, dctx: zstandard.ZstdDecompressor, blob: bytes | bytearray | memoryview,
+                entry: PackEntry, obj: str) -> bytes:
+    if not len(blob):
+        raise IntegrityError(obj, f"blob {entry.id.hex()} is empty")
+    codec = blob[0]
+    payload = sealer.open(blob, blob_aad(entry.id, entry.type, codec), obj, skip=1)
     if codec == CODEC_NONE:
-        data = bytes(payload)
+        data = payload
     elif codec == CODEC_ZSTD:
         try:
             data = dctx.decompress(payload, max_output_size=entry.raw_length)
@@ -90,7 +93,7 @@ class PackWriter:
         self._sealer = Sealer(object_key(blob_key, self.salt))
         self._chunk_id_key = chunk_id_key
         self._cctx = zstandard.ZstdCompressor(level=level)
-        self._parts: list[bytes] = [HEADER.pack(MAGIC, VERSION, self.salt)]
+        self._parts: list[bytes | bytearray] = [HEADER.pack(MAGIC, VERSION, self.salt)]
         self.size = HEADER_SIZE
         self.entries: list[PackEntry] = []
         self._data: bytes | None = None
@@ -117,7 +120,7 @@ class PackWriter:
             return self._data
         self._verify_blobs()
         trailer = self._sealer.seal(b"".join(ENTRY.pack(e.id, e.type, e.offset, e.length, e.raw_length)
-                                             for e in self.entries), TRAILER_AAD + self._parts[0])
+                                             for e in self.entries), TRAILER_AAD + bytes(self._parts[0]))
         self._parts.append(trailer)
         self._parts.append(FOOTER.pack(len(trailer), END_MAGIC))
         self._data = b"".join(self._parts)

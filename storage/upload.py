@@ -5,6 +5,7 @@ Resumes after a crash by adopting packs that are in storage but in no index file
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,6 +42,11 @@ class WriteSession:
         self._unindexed: dict[str, list[PackEntry]] = {}  # uploaded or adopted, not yet in an index file
         self._index_every = 256  # packs between index files, so a crash loses little indexing work
         self._packers: dict[int, Packer] = {}
+        # Full packs are verified and written by one background thread, so the threads that chunk and
+        # compress do not wait on the disk or the network; two packs may wait, which bounds memory.
+        self._queue: queue.Queue[PackWriter | None] = queue.Queue(maxsize=2)
+        self._uploader: threading.Thread | None = None
+        self._failed: list[tuple[PackWriter, BaseException]] = []
 
     def adopt_orphan_packs(self) -> int:
         """Index packs left by an interrupted run (in storage, in no index file) instead of re-uploading."""
@@ -87,13 +93,55 @@ class WriteSession:
             return p
 
     def flush(self) -> None:
-        """Upload every thread's partial pack (call when no batch is running)."""
+        """Upload every thread's partial pack and wait for all uploads (call when no batch is running)."""
         with self._lock:
             packers = list(self._packers.values())
         for p in packers:
             p.flush()
+        self.drain()
+
+    def submit(self, writer: PackWriter) -> None:
+        """Hand a full pack to the background uploader (blocks while two packs already wait)."""
+        with self._lock:
+            if self._uploader is None:
+                self._uploader = threading.Thread(target=self._upload_loop, name="vaultflow-upload", daemon=True)
+                self._uploader.start()
+        self._queue.put(writer)
+
+    def _upload_loop(self) -> None:
+        while (writer := self._queue.get()) is not None:
+            try:
+                self.upload(writer)
+            except BaseException as e:  # noqa: BLE001 - kept for drain(), which retries and reports it
+                with self._lock:
+                    self._failed.append((writer, e))
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def drain(self) -> None:
+        """Wait for every submitted pack; uploads that failed are tried once more here and raise if they fail
+        again (the caller is a Prefect task with retries, so retrying stays the orchestrator's job)."""
+        self._queue.join()
+        with self._lock:
+            failed, self._failed = self._failed, []
+        for i, (writer, _) in enumerate(failed):
+            try:
+                self.upload(writer)
+            except BaseException:
+                with self._lock:
+                    self._failed.extend(failed[i:])
+                raise
+
+    def close(self) -> None:
+        """Stop the uploader thread (after drain)."""
+        if self._uploader is not None:
+            self._queue.put(None)
+            self._uploader.join()
+            self._uploader = None
 
     def upload(self, writer: PackWriter) -> str:
+        """Verify, write and index one pack now, in the calling thread."""
         data = writer.finish()
         digest = content_hash(data)
         name = f"data/{digest[:2]}/{digest}"
@@ -115,6 +163,8 @@ class WriteSession:
 
     def write_index(self) -> list[str]:
         """Write one index file for every pack not yet in one; returns all index files this session wrote."""
+        if threading.current_thread() is not self._uploader:
+            self.drain()
         with self._lock:
             pending, self._unindexed = self._unindexed, {}
         if pending:
@@ -147,7 +197,7 @@ class Packer:
 
     def flush(self) -> None:
         if len(self._writer):
-            self.session.upload(self._writer)  # on failure the writer stays, and the next flush retries it
+            self.session.submit(self._writer)
             self._writer = self._new()
 
     def abandon(self) -> None:

@@ -51,4 +51,6 @@ def close(key: str) -> None:
     with _lock:
         state = _runs.pop(key, None)
     if state is not None:
+        if state.session is not None:
+            state.session.close()
         shutil.rmtree(state.scratch, ignore_errors=True)

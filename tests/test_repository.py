@@ -42,6 +42,7 @@ def store(repo: Repository, blobs: list[bytes], write_index: bool = True) -> lis
         if mine:
             packer.add(bid, BlobType.DATA, blob)
     packer.flush()
+    session.drain()  # packs are written by a background thread
     if write_index:
         session.write_index()
     return ids
