@@ -27,6 +27,7 @@ from vaultflow.tasks.backup import (
 from vaultflow.tasks.report import BackupSummary, report
 from vaultflow.tasks.runner import thread_runner
 from vaultflow.tasks.sources.filesystem import discover, source_root
+from vaultflow.tasks.sources.fsspec_tree import is_url
 
 
 class ErrorBudgetExceeded(VaultflowError):
@@ -35,7 +36,8 @@ class ErrorBudgetExceeded(VaultflowError):
 
 def default_source_name(paths: list[str]) -> str:
     """A stable source name from the absolute path (or the paths' common folder): /home/ann/data → home-ann-data."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source_root(paths)).strip("-.")
+    where = paths[0].replace("://", "-") if is_url(paths[0]) else source_root(paths)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", where).strip("-.")
     return slug[:128] or "root"
 
 
@@ -48,7 +50,7 @@ def backup(paths: list[str], source: str | None = None, repository: str | None =
     One directory is stored relative to itself; several paths relative to their common folder, so a restore
     recreates them side by side."""
     t0, started = time.monotonic(), utc_now()
-    paths = [os.path.abspath(p) for p in paths]
+    paths = [p if is_url(p) else os.path.abspath(p) for p in paths]
     source = check_source_name(source or default_source_name(paths))
     run = open_repository(repository, password_secret)
     state = context.get(run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from typing import BinaryIO, Protocol
 
 import blake3
 import pyarrow as pa
@@ -89,9 +90,17 @@ class BatchStats:
     errors: int = 0
 
 
-def archive_files(repo: Repository, session: WriteSession, root: str, keys: list[bytes]) -> tuple[pa.Table,
-                                                                                                 BatchStats]:
-    """Read, chunk, hash and pack each file under `root`; returns one result row per file and stats."""
+class RemoteFiles(Protocol):
+    """Files that are not on a local filesystem (an fsspec source): opened and identified by listing key."""
+
+    def open(self, key: bytes) -> BinaryIO: ...
+
+    def identity(self, key: bytes) -> tuple[int, int, int]: ...  # size, mtime_ns, version identity
+
+
+def archive_files(repo: Repository, session: WriteSession, root: str, keys: list[bytes],
+                  remote: RemoteFiles | None = None) -> tuple[pa.Table, BatchStats]:
+    """Read, chunk, hash and pack each file under `root` (or of `remote`); returns one result row per file."""
     packer = session.packer()
     chunker = repo.chunker()
     id_key, file_key = repo.master.chunk_id_key, repo.master.file_hash_key
@@ -102,7 +111,10 @@ def archive_files(repo: Repository, session: WriteSession, root: str, keys: list
         path = root_b + b"/" + key
         result: tuple[object, ...]
         try:
-            result = _archive_one(path, chunker, packer, session, id_key, file_key, stats)
+            if remote is None:
+                result = _archive_one(path, chunker, packer, session, id_key, file_key, stats)
+            else:
+                result = _archive_remote(remote, key, chunker, packer, session, id_key, file_key, stats)
         except OSError as e:
             result = (None, None, 0, 0, 0, 0, _describe(e))
         if result[-1] is not None:
@@ -128,24 +140,43 @@ def _archive_one(path: bytes, chunker, packer, session, id_key, file_key, stats:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             return None, None, 0, 0, 0, 0, "no longer a regular file"
-        file_hash = blake3.blake3(key=file_key)
-        ids: list[bytes] = []
-        read = 0
-        for chunk in chunker.stream(f):
-            file_hash.update(chunk)
-            cid = keyed_hash(id_key, chunk)
-            ids.append(cid)
-            read += len(chunk)
-            stats.chunks += 1
-            if session.claim([cid])[0]:
-                packer.add(cid, BlobType.DATA, chunk)
-                stats.chunks_new += 1
+        digest, ids, read = _chunk_stream(f, chunker, packer, session, id_key, file_key, stats)
         after = os.fstat(fd)
     stats.bytes_read += read
     error = None
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or read != before.st_size:
         error = f"changed while being read ({before.st_size} bytes at open, {read} read); stored what was read"
-    return (file_hash.digest(), ids, read, before.st_mtime_ns, before.st_ctime_ns, before.st_ino, error)
+    return (digest, ids, read, before.st_mtime_ns, before.st_ctime_ns, before.st_ino, error)
+
+
+def _chunk_stream(f: BinaryIO, chunker, packer, session, id_key: bytes, file_key: bytes,  # type: ignore[no-untyped-def]
+                  stats: BatchStats) -> tuple[bytes, list[bytes], int]:
+    """Chunk, hash and pack one open file; returns (keyed content hash, chunk ids, bytes read)."""
+    file_hash = blake3.blake3(key=file_key)
+    ids: list[bytes] = []
+    read = 0
+    for chunk in chunker.stream(f):
+        file_hash.update(chunk)
+        cid = keyed_hash(id_key, chunk)
+        ids.append(cid)
+        read += len(chunk)
+        stats.chunks += 1
+        if session.claim([cid])[0]:
+            packer.add(cid, BlobType.DATA, chunk)
+            stats.chunks_new += 1
+    return file_hash.digest(), ids, read
+
+
+def _archive_remote(remote: RemoteFiles, key: bytes, chunker, packer, session, id_key, file_key,  # type: ignore[no-untyped-def]
+                    stats: BatchStats) -> tuple[object, ...]:
+    size, mtime, ident = remote.identity(key)
+    with remote.open(key) as f:
+        digest, ids, read = _chunk_stream(f, chunker, packer, session, id_key, file_key, stats)
+    stats.bytes_read += read
+    error = None
+    if remote.identity(key)[:2] != (size, mtime) or read != size:
+        error = f"changed while being read ({size} bytes listed, {read} read); stored what was read"
+    return digest, ids, read, mtime, mtime, ident, error
 
 
 def files_table(plan: pa.Table, read_rows: pa.Table, results: pa.Table) -> pa.Table:

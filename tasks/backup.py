@@ -25,6 +25,7 @@ from vaultflow.storage.snapshot import SnapshotRecord, utc_now
 
 from . import context, progress, settings
 from .retry import RETRY
+from .sources.fsspec_tree import FsspecTree, is_url
 
 # Tasks hold no cacheable inputs (a run key means nothing to another run) and return small models.
 TASK = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -97,7 +98,8 @@ def process_batch(run: str, root: str, start: int, end: int) -> dict[str, int]:
     state = context.get(run)
     assert state.session is not None
     read = pa.ipc.open_file(pa.memory_map(str(state.scratch / "read.arrow"))).read_all().slice(start, end - start)
-    results, stats = archiver.archive_files(state.repo, state.session, root, read["key"].to_pylist())
+    remote = FsspecTree(root, settings.source_storage_options()) if is_url(root) else None
+    results, stats = archiver.archive_files(state.repo, state.session, root, read["key"].to_pylist(), remote)
     _write_ipc(results, state.scratch / f"result-{start:012d}.arrow")
     progress.advance(run, stats.bytes_read, stats.files)
     if stats.errors:

@@ -37,16 +37,26 @@ class RepoSettings:
 
 
 def storage_options_from_env() -> dict[str, Any]:
-    raw = os.environ.get("VAULTFLOW_STORAGE_OPTIONS", "")
+    return _json_object("VAULTFLOW_STORAGE_OPTIONS")
+
+
+def _json_object(var: str) -> dict[str, Any]:
+    raw = os.environ.get(var, "")
     if not raw:
         return {}
     try:
         opts = json.loads(raw)
     except ValueError as e:
-        raise VaultflowError(f"VAULTFLOW_STORAGE_OPTIONS is not valid JSON ({e})") from None
+        raise VaultflowError(f"{var} is not valid JSON ({e})") from None
     if not isinstance(opts, dict):
-        raise VaultflowError("VAULTFLOW_STORAGE_OPTIONS must be a JSON object, e.g. {\"anon\": false}")
+        raise VaultflowError(f"{var} must be a JSON object, e.g. {{\"anon\": false}}")
     return opts
+
+
+def source_storage_options() -> dict[str, Any]:
+    """fsspec options for a source given as a URL (VAULTFLOW_SOURCE_STORAGE_OPTIONS, JSON); the repository's
+    own options are separate, since the two may live on different stores."""
+    return _json_object("VAULTFLOW_SOURCE_STORAGE_OPTIONS")
 
 
 def resolve(repo: str | None, password_file: str | None, password_secret: str | None) -> RepoSettings:

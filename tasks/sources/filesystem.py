@@ -153,9 +153,17 @@ class ListingInfo(BaseModel):
 @task(cache_policy=NO_CACHE, persist_result=False)
 def discover(run: str, paths: list[str], excludes: list[str]) -> ListingInfo:
     """Walk local trees into an Arrow listing on the run's scratch space."""
-    from vaultflow.tasks import context
+    from vaultflow.tasks import context, settings
 
-    table, errors, root = scan(paths, excludes)
+    from .fsspec_tree import FsspecTree, is_url
+
+    if any(is_url(p) for p in paths):
+        if len(paths) != 1:
+            raise SourceError("a URL is backed up on its own: give one URL per backup")
+        root = paths[0].rstrip("/")
+        table, errors = FsspecTree(root, settings.source_storage_options()).scan(excludes)
+    else:
+        table, errors, root = scan(paths, excludes)
     out = context.get(run).scratch / "listing.arrow"
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
