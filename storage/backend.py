@@ -121,7 +121,8 @@ class Backend:
 
     def _write_local(self, path: str, data: bytes, *, overwrite: bool, content_named: bool, name: str) -> None:
         folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
+        if not os.path.isdir(folder):
+            _make_dirs_durably(folder)
         tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{secrets.token_hex(8)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -162,3 +163,17 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_dirs_durably(folder: str) -> None:
+    """Create `folder` and its missing parents, fsyncing each parent so the new entries survive a crash."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            pass
+        _fsync_dir(os.path.dirname(d) or ".")

@@ -49,12 +49,6 @@ class Index:
     def __len__(self) -> int:
         return len(self._keys) + len(self._pending)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the index columns (the pending dict is bounded by _MERGE_AT)."""
-        cols = (self._keys, self._ids, self._pack, self._offset, self._length, self._raw, self._type)
-        return sum(c.nbytes for c in cols)
-
     def pack_number(self, pack: str) -> int:
         with self._lock:
             return self._pack_number(pack)

@@ -131,9 +131,5 @@ def open_manifest(manifest_key: bytes, data: bytes, name: str) -> bytes:
     return Sealer(object_key(manifest_key, salt)).open(memoryview(data)[32:], name.encode(), name)
 
 
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
-
-
 def table_from_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)

@@ -27,7 +27,6 @@ class SessionStats:
     bytes_new_stored: int = 0  # after compression and encryption
     packs_uploaded: int = 0
     bytes_uploaded: int = 0
-    packs_adopted: int = 0
 
 
 class WriteSession:
@@ -63,7 +62,6 @@ class WriteSession:
             with self._lock:
                 self._unindexed[name] = entries
             adopted += 1
-        self.stats.packs_adopted += adopted
         return adopted
 
     def claim(self, blob_ids: list[bytes]) -> list[bool]:
@@ -77,11 +75,6 @@ class WriteSession:
                     self._reserved.add(bid)
                 out.append(mine)
         return out
-
-    def release(self, blob_ids: list[bytes]) -> None:
-        """Give back claims that were not stored (the caller failed), so another thread may store them."""
-        with self._lock:
-            self._reserved.difference_update(blob_ids)
 
     def packer(self) -> Packer:
         """This thread's packer: batches that run on one thread fill the same packs."""
@@ -200,10 +193,6 @@ class Packer:
             self.session.submit(self._writer)
             self._writer = self._new()
 
-    def abandon(self) -> None:
-        """Drop blobs not yet uploaded and release their claims (after an error in the caller)."""
-        self.session.release([e.id for e in self._writer.entries])
-        self._writer = self._new()
 
 
 def read_pack_trailer(repo: Repository, name: str, size: int) -> list[PackEntry]:

@@ -97,12 +97,13 @@ def test_second_backup_reads_only_what_changed_and_full_rereads_all(repo_env, tm
 def test_racy_mtime_files_are_reread(repo_env, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "hot").write_bytes(b"x" * 100)  # modified just before the first backup started: racy
+    (src / "hot").write_bytes(b"x" * 100)
+    soon = time.time() + 30  # "modified" around the first backup's start however slowly it starts: racy
+    os.utime(src / "hot", (soon, soon))
     (src / "cold").write_bytes(b"y" * 10)
     old = time.time() - 60
     os.utime(src / "cold", (old, old))
     run_backup(repo_env, src, source="racy")
-    time.sleep(2.1)  # however long after, the first backup could not prove "hot" stable
     again = run_backup(repo_env, src, source="racy")
     assert again.bytes_read == 100 and again.files_unchanged == 2
 

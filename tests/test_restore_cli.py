@@ -7,22 +7,27 @@ import json
 import os
 import stat
 import subprocess
+from pathlib import Path
 
+import pytest
 from backup_helpers import awkward_tree
 from test_cli_backup import vaultflow
 
 
-def env_for(tmp_path, prefect_server) -> dict[str, str]:
-    return {"VAULTFLOW_REPOSITORY": str(tmp_path / "repo"), "VAULTFLOW_PASSWORD": "pw",
-            "VAULTFLOW_HOME": str(tmp_path / "home"), "PREFECT_API_URL": prefect_server}
-
-
-def test_backup_then_restore_is_identical_under_diff(tmp_path, prefect_server):
-    env = env_for(tmp_path, prefect_server)
+@pytest.fixture
+def awkward_backup(tmp_path, prefect_server) -> tuple[dict[str, str], Path]:
+    """(CLI environment, source folder) after `init` and one `backup` of the awkward tree."""
+    env = {"VAULTFLOW_REPOSITORY": str(tmp_path / "repo"), "VAULTFLOW_PASSWORD": "pw",
+           "VAULTFLOW_HOME": str(tmp_path / "home"), "PREFECT_API_URL": prefect_server}
     src = tmp_path / "src"
     awkward_tree(src)
     vaultflow(["init"], env)
     vaultflow(["backup", str(src)], env)
+    return env, src
+
+
+def test_backup_then_restore_is_identical_under_diff(awkward_backup, tmp_path):
+    env, src = awkward_backup
     out = tmp_path / "restored"
     restored = vaultflow(["restore", "latest", str(out)], env)
     assert "files restored and verified" in restored.stdout
@@ -41,12 +46,8 @@ def test_backup_then_restore_is_identical_under_diff(tmp_path, prefect_server):
     assert again.returncode == 1 and "is not empty" in again.stderr
 
 
-def test_restore_test_passes_then_fails_loudly_after_damage(tmp_path, prefect_server):
-    env = env_for(tmp_path, prefect_server)
-    src = tmp_path / "src"
-    awkward_tree(src)
-    vaultflow(["init"], env)
-    vaultflow(["backup", str(src)], env)
+def test_restore_test_passes_then_fails_loudly_after_damage(awkward_backup, tmp_path):
+    env, _ = awkward_backup
     ok = vaultflow(["restore-test", "--all"], env)
     assert "restore test passed: 7 files" in ok.stdout and "7 also compared byte for byte" in ok.stdout
     for dirpath, _, names in os.walk(tmp_path / "repo" / "data"):
