@@ -231,3 +231,23 @@ def default_name(folder: Path) -> str:
     from vaultflow.flows.backup import default_source_name
 
     return default_source_name([str(folder / "x"), str(folder / "y")])
+
+
+def test_password_from_a_prefect_secret_block_never_reaches_the_run(prefect_server, monkeypatch, tmp_path):
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    Secret(value="from-the-block").save("vaultflow-test-password", overwrite=True)
+    monkeypatch.delenv("VAULTFLOW_PASSWORD", raising=False)
+    monkeypatch.delenv("VAULTFLOW_STORAGE_OPTIONS", raising=False)
+    repo = Repository.init(str(tmp_path / "repo"), "from-the-block", kdf=FAST_KDF)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    summary = run_backup(repo, src, password_secret="vaultflow-test-password")
+    assert summary.files == 1
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    assert run.parameters["password_secret"] == "vaultflow-test-password"
+    assert "from-the-block" not in json.dumps(run.parameters)
