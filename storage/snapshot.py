@@ -17,6 +17,11 @@ from .errors import IntegrityError
 FORMAT_VERSION = 1
 
 
+def parse_utc(text: str) -> datetime:
+    """The datetime of a record time written by utc_now()."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def utc_now() -> str:
     """UTC time as ISO 8601 with microseconds and a Z, so records sort and compare as text."""
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -6,9 +6,8 @@ Bulk data stays in the process (tasks.context) and on local scratch (Arrow IPC f
 from __future__ import annotations
 
 import os
+import random
 import socket
-from datetime import datetime
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,7 +20,7 @@ from vaultflow.storage import archiver, manifest
 from vaultflow.storage.errors import ObjectMissing, VaultflowError
 from vaultflow.storage.index import Index
 from vaultflow.storage.repository import Repository
-from vaultflow.storage.snapshot import SnapshotRecord, utc_now
+from vaultflow.storage.snapshot import SnapshotRecord, parse_utc, utc_now
 
 from . import context, progress, settings
 from .retry import RETRY
@@ -70,7 +69,7 @@ def find_parent(run: str, source: str) -> Parent | None:
     if latest is None:
         return None
     rid, rec = latest
-    started = datetime.fromisoformat(rec.started.replace("Z", "+00:00"))
+    started = parse_utc(rec.started)
     return Parent(id=rid, serial=rec.serial, started_ns=int(started.timestamp()) * 10**9 + started.microsecond * 1000)
 
 
@@ -79,12 +78,12 @@ def plan_changes(run: str, listing_path: str, parent: Parent | None, full: bool,
                  batch_bytes: int = 64 << 20, batch_files: int = 2048) -> Plan:
     """Join the listing with the parent manifest; write the plan and the files to read to scratch."""
     state = context.get(run)
-    listing = pa.ipc.open_file(pa.memory_map(listing_path)).read_all()
+    listing = context.read_ipc(listing_path)
     parent_files = state.repo.files_table(state.repo.snapshot(parent.id)) if parent else None
     plan = archiver.plan_changes(listing, parent_files, parent.started_ns if parent else 0, full)
     to_read = plan.filter(plan["read"])
-    _write_ipc(plan, state.scratch / "plan.arrow")
-    _write_ipc(to_read, state.scratch / "read.arrow")
+    context.write_ipc(plan, state.scratch / "plan.arrow")
+    context.write_ipc(to_read, state.scratch / "read.arrow")
     sizes = to_read["size"].to_pylist()
     files = plan.filter(pc.equal(plan["type"], "file"))
     return Plan(batches=archiver.batches(sizes, batch_bytes, batch_files), files=files.num_rows,
@@ -97,10 +96,10 @@ def process_batch(run: str, root: str, start: int, end: int) -> dict[str, int]:
     """Read, chunk, hash, compress, encrypt and pack one batch of files; results go to scratch."""
     state = context.get(run)
     assert state.session is not None
-    read = pa.ipc.open_file(pa.memory_map(str(state.scratch / "read.arrow"))).read_all().slice(start, end - start)
+    read = context.read_ipc(state.scratch / "read.arrow").slice(start, end - start)
     remote = FsspecTree(root, settings.source_storage_options()) if is_url(root) else None
     results, stats = archiver.archive_files(state.repo, state.session, root, read["key"].to_pylist(), remote)
-    _write_ipc(results, state.scratch / f"result-{start:012d}.arrow")
+    context.write_ipc(results, state.scratch / f"result-{start:012d}.arrow")
     progress.advance(run, stats.bytes_read, stats.files)
     if stats.errors:
         logger = get_run_logger()
@@ -118,10 +117,10 @@ def write_manifest(run: str, source: str, serial: int, discover_errors: list[tup
     assert session is not None
     session.flush()
     index_files = session.write_index()
-    plan = pa.ipc.open_file(pa.memory_map(str(state.scratch / "plan.arrow"))).read_all()
+    plan = context.read_ipc(state.scratch / "plan.arrow")
     read_rows = plan.filter(plan["read"])
     parts = sorted(state.scratch.glob("result-*.arrow"))
-    results = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in parts]) if parts \
+    results = pa.concat_tables([context.read_ipc(p) for p in parts]) if parts \
         else archiver.RESULT_SCHEMA.empty_table()
     files = archiver.files_table(plan, read_rows, results)
     chunks = pc.list_flatten(files["chunks"]).unique()
@@ -187,17 +186,13 @@ def commit_snapshot(run: str, source: str, serial: int, parent: Parent | None, s
         row = {"id": rid, "source": source, "serial": serial, "host": record.host, "started": started,
                "finished": record.finished, "parent": record.parent, "vaultflow_version": __version__,
                **{k: v for k, v in stats.items() if k in manifest.SNAPSHOTS_SCHEMA.names}}
-        table = manifest.table_from_rows([{**row, "started": _ts(started), "finished": _ts(record.finished)}],
-                                         manifest.SNAPSHOTS_SCHEMA)
+        table = manifest.table_from_rows([{**row, "started": parse_utc(started),
+                                           "finished": parse_utc(record.finished)}], manifest.SNAPSHOTS_SCHEMA)
         try:  # derived data for analysts; the record above is the truth
             _write_fresh(repo, manifest.snapshots_name(source, serial), manifest.to_parquet(table))
         except (OSError, VaultflowError) as e:
             get_run_logger().warning("snapshot %s committed, but its row in tables/snapshots failed: %s", rid, e)
     return rid
-
-
-def _ts(text: str) -> Any:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 @task(**TASK)
@@ -208,14 +203,7 @@ def verify_snapshot(run: str, snapshot: str, sample: int) -> int:
     repo = context.get(run).repo
     files = repo.files_table(repo.snapshot(snapshot))
     chunks = pc.list_flatten(files["chunks"]).unique().to_pylist()
-    import random
-
     picked = random.sample(chunks, min(sample, len(chunks)))
     for cid in picked:
         repo.load_blob(cid, verify=True)
     return len(picked)
-
-
-def _write_ipc(table: pa.Table, path: os.PathLike[str] | str) -> None:
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from vaultflow.storage.checker import Checker
 from vaultflow.storage.repository import Repository
 from vaultflow.storage.restorer import Restorer
@@ -54,3 +56,13 @@ def close(key: str) -> None:
         if state.session is not None:
             state.session.close()
         shutil.rmtree(state.scratch, ignore_errors=True)
+
+
+def write_ipc(table: pa.Table, path: Path | str) -> None:
+    """Write a table to run scratch as an Arrow IPC file (read back memory-mapped, without a copy)."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_ipc(path: Path | str) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()

@@ -165,8 +165,7 @@ def discover(run: str, paths: list[str], excludes: list[str]) -> ListingInfo:
     else:
         table, errors, root = scan(paths, excludes)
     out = context.get(run).scratch / "listing.arrow"
-    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
+    context.write_ipc(table, out)
     files = table.filter(pc.equal(table["type"], "file"))
     return ListingInfo(listing=str(out), root=root, entries=table.num_rows, files=files.num_rows,
                        bytes=int(pc.sum(files["size"]).as_py() or 0),
