@@ -131,5 +131,15 @@ def open_manifest(manifest_key: bytes, data: bytes, name: str) -> bytes:
     return Sealer(object_key(manifest_key, salt)).open(memoryview(data)[32:], name.encode(), name)
 
 
+def errors_table(files: pa.Table, listing_errors: list[tuple[bytes, str]]) -> pa.Table:
+    """The errors table: files that could not be read completely, then paths the listing could not visit."""
+    failed = files.filter(pc.equal(files["status"], "error"))
+    rows = [{"path": p, "raw_path": r, "stage": "read", "error": e} for p, r, e in
+            zip(failed["path"].to_pylist(), failed["raw_path"].to_pylist(), failed["error"].to_pylist(), strict=True)]
+    rows += [{"path": display_path(raw)[0], "raw_path": display_path(raw)[1], "stage": "discover", "error": e}
+             for raw, e in listing_errors]
+    return table_from_rows(rows, ERRORS_SCHEMA)
+
+
 def table_from_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)

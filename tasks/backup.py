@@ -111,7 +111,10 @@ def process_batch(run: str, root: str, start: int, end: int) -> dict[str, int]:
 
 @task(**RETRY, **TASK)
 def write_manifest(run: str, source: str, serial: int, discover_errors: list[tuple[str, str]]) -> Manifest:
-    """Upload the last packs and the index, verify every referenced chunk is indexed, then write manifests."""
+    """Upload the last packs and the index, verify every referenced chunk is indexed, then write manifests.
+
+    `discover_errors` are (hex of the exact path bytes, message) from the listing.
+    """
     state = context.get(run)
     repo, session = state.repo, state.session
     assert session is not None
@@ -132,23 +135,17 @@ def write_manifest(run: str, source: str, serial: int, discover_errors: list[tup
     if repo.config.private_manifests:
         data = manifest.seal_manifest(repo.master.manifest_key, os.urandom(32), data, name)
     objects[name] = _write_fresh(repo, name, data)
-    errors = files.filter(pc.equal(files["status"], "error"))
-    error_rows = [{"path": p, "raw_path": r, "stage": "read", "error": e} for p, r, e in
-                  zip(errors["path"].to_pylist(), errors["raw_path"].to_pylist(), errors["error"].to_pylist(),
-                      strict=True)]
-    error_rows += [{"path": manifest.display_path(os.fsencode(p))[0], "raw_path": manifest.display_path(
-        os.fsencode(p))[1], "stage": "discover", "error": e} for p, e in discover_errors]
-    if error_rows and not repo.config.private_manifests:
+    errors = manifest.errors_table(files, [(bytes.fromhex(h), m) for h, m in discover_errors])
+    if errors.num_rows and not repo.config.private_manifests:
         ename = manifest.errors_name(source, serial)
-        objects[ename] = _write_fresh(repo, ename, manifest.to_parquet(
-            manifest.table_from_rows(error_rows, manifest.ERRORS_SCHEMA)))
+        objects[ename] = _write_fresh(repo, ename, manifest.to_parquet(errors))
     is_file = pc.equal(files["type"], "file")
     status = files.filter(is_file)["status"].value_counts().to_pylist()
     counts = {f"files_{k}": 0 for k in ("new", "changed", "unchanged", "error")}
     counts.update({f"files_{d['values']}": int(d["counts"]) for d in status})
     stats = {"entries": files.num_rows, "files": int(pc.sum(is_file).as_py() or 0),
              "bytes": int(pc.sum(pc.if_else(is_file, files["size"], 0)).as_py() or 0),
-             "errors": len(error_rows), **counts}
+             "errors": errors.num_rows, **counts}
     return Manifest(objects=objects, index_files=index_files, stats=stats, chunks=len(chunks))
 
 

@@ -251,3 +251,12 @@ def test_password_from_a_prefect_secret_block_never_reaches_the_run(prefect_serv
         run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
     assert run.parameters["password_secret"] == "vaultflow-test-password"
     assert "from-the-block" not in json.dumps(run.parameters)
+
+
+def test_errors_table_keeps_the_exact_bytes_of_names_that_are_not_utf8():
+    from vaultflow.storage.manifest import FILES_SCHEMA, errors_table
+
+    files = FILES_SCHEMA.empty_table()
+    table = errors_table(files, [(b"caf\xe9-dir", "directory unreadable: Permission denied")])
+    [row] = table.to_pylist()
+    assert row["raw_path"] == b"caf\xe9-dir" and row["path"] == "caf\\xe9-dir" and row["stage"] == "discover"

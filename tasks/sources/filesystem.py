@@ -16,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from vaultflow.storage.errors import SourceError
-from vaultflow.storage.manifest import display_path
 
 _TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
           stat.S_IFSOCK: "socket", stat.S_IFCHR: "char", stat.S_IFBLK: "block"}
@@ -147,7 +146,7 @@ class ListingInfo(BaseModel):
     entries: int
     files: int
     bytes: int
-    errors: list[tuple[str, str]]  # (path, message), paths decoded for display
+    errors: list[tuple[str, str]]  # (hex of the exact path bytes, message): names need not be UTF-8
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -169,4 +168,4 @@ def discover(run: str, paths: list[str], excludes: list[str]) -> ListingInfo:
     files = table.filter(pc.equal(table["type"], "file"))
     return ListingInfo(listing=str(out), root=root, entries=table.num_rows, files=files.num_rows,
                        bytes=int(pc.sum(files["size"]).as_py() or 0),
-                       errors=[(display_path(p)[0], m) for p, m in errors])
+                       errors=[(p.hex(), m) for p, m in errors])
