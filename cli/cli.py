@@ -52,15 +52,15 @@ def _new_password() -> str:
 def cmd_key(args: argparse.Namespace) -> int:
     repo = _open(args)
     if args.key_command == "list":
-        for name in repo.list_keys():
-            print(f"{'*' if name == repo.key_name else ' '} {name}")
+        from . import show
+
+        return show.keys(repo)
     elif args.key_command == "add":
         print(f"added {repo.add_key(_new_password())}")
     elif args.key_command == "passwd":
         print(f"password changed; new key {repo.change_password(_new_password())}")
     elif args.key_command == "remove":
-        repo.remove_key(args.name)
-        print(f"removed {args.name}")
+        print(f"removed {repo.remove_key(args.name)}")
     return 0
 
 
@@ -127,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     key = sub.add_parser("key", parents=[common], help="manage the repository's passwords (key files)")
     key_sub = key.add_subparsers(dest="key_command", required=True)
-    key_sub.add_parser("list", help="list key files (* marks the one your password opens)")
+    key_sub.add_parser("list", help="list key files with created time, host and user (* marks the one your "
+                       "password opens, ! a damaged one)")
     key_sub.add_parser("add", help="add a password (VAULTFLOW_NEW_PASSWORD or a prompt)")
     key_sub.add_parser("passwd", help="change this password (adds the new key, removes the old)")
-    rm = key_sub.add_parser("remove", help="remove a key file by name")
-    rm.add_argument("name")
+    rm = key_sub.add_parser("remove", help="remove a key file")
+    rm.add_argument("name", help="its id as `key list` shows it, keys/<id>, or a unique prefix of the id")
     key.set_defaults(func=cmd_key)
 
     from . import run
@@ -163,13 +164,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, except that `ls SNAPSHOT -l PATH` works: argparse fills the optional positional PATH
+    with nothing when an option separates it from SNAPSHOT, and leaves PATH over."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "ls" and args.path is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.path = extra.pop()
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except VaultflowError as e:
-        print(f"vaultflow: error: {e}", file=sys.stderr)
+        from .show import safe
+
+        text = "\n".join(safe(line) for line in str(e).split("\n"))  # names in it must not drive the terminal
+        print(f"vaultflow: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vaultflow: interrupted", file=sys.stderr)

@@ -6,24 +6,26 @@ Every problem names the damaged object, and `affected` says which snapshots and 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import manifest
 from .crypto import content_hash
-from .errors import IntegrityError, ObjectMissing, VaultflowError
+from .errors import IntegrityError, NotARepository, ObjectMissing, VaultflowError
 from .index import Index, encode_index_file
 from .pack import PackEntry
-from .repository import Repository
+from .repository import CONFIG, RepoConfig, Repository
 from .snapshot import SnapshotRecord, chain_problems, decode_record
 from .upload import read_pack_trailer
 
 
 @dataclass
 class Problem:
-    kind: str  # snapshot, chain, manifest, index, pack, chunk
+    kind: str  # snapshot, chain, manifest, index, pack, chunk, key, config, table
     object: str
     message: str
     snapshots: list[str] = field(default_factory=list)  # ids of affected snapshots
@@ -66,6 +68,9 @@ class Checker:
         self._index_files()
         self._packs()
         self._manifests()
+        self._keys()
+        self._config()
+        self._snapshot_tables()
         return self.report
 
     def _problem(self, kind: str, obj: str, message: str) -> Problem:
@@ -142,6 +147,50 @@ class Checker:
                 p.snapshots.append(rid)
                 self._bad_chunks.update((c, "index") for c in missing)
 
+    def _keys(self) -> None:
+        """Every key file, not only the one that opened: checksum, fields, KDF bounds, and its sealed info
+        authenticated with the master key (so a forged or foreign key file is found without its password)."""
+        for info in self.repo.describe_keys():
+            if info.problem is not None:
+                self._problem("key", info.name, f"{info.problem}; remove it with `vaultflow key remove "
+                                                f"{info.id}` once another password opens the repository")
+
+    def _config(self) -> None:
+        try:
+            RepoConfig.decode(self.repo.backend.read(CONFIG), self.repo.master.config_key)
+        except (IntegrityError, ObjectMissing, NotARepository) as e:
+            self._problem("config", CONFIG, str(e))
+
+    def _snapshot_tables(self) -> None:
+        """`tables/snapshots` rows are written after the commit and no record hashes them: each must agree with
+        the authenticated record of its source and serial, or it is tampering (or an orphan)."""
+        for name, size in self.repo.backend.list("tables/snapshots"):
+            m = _SNAPSHOT_TABLE.match(name)
+            if m is None:
+                self._problem("table", name, "unexpected object in tables/snapshots (not a snapshot row)")
+                continue
+            source, serial = m.group(1), int(m.group(2))
+            mine = {rid: r for rid, r in self.records.items() if r.source == source and r.serial == serial}
+            if not mine:
+                self._problem("table", name, f"orphan row: no authenticated snapshot record of source {source!r} "
+                                             f"serial {serial}; the row is not backed by any backup")
+                continue
+            try:
+                if size > _MAX_TABLE:
+                    raise IntegrityError(name, f"{size} bytes, far more than one row's")
+                rows = manifest.from_parquet(self.repo.backend.read(name), manifest.SNAPSHOTS_SCHEMA, name).to_pylist()
+            except (IntegrityError, ObjectMissing, KeyError, ValueError, TypeError, pa.ArrowException) as e:
+                self._problem("table", name, f"snapshot row is unreadable ({e})")
+                continue
+            expected = {rid: manifest.snapshot_row(rid, r).to_pylist()[0] for rid, r in mine.items()}
+            if len(rows) != 1 or rows[0] not in expected.values():
+                got = rows[0] if len(rows) == 1 else {}
+                want = next(iter(expected.values()))
+                differ = sorted(k for k in want if got.get(k) != want[k]) if got else [f"{len(rows)} rows"]
+                p = self._problem("table", name, f"snapshot row disagrees with the authenticated record of "
+                                  f"{source}#{serial} ({', '.join(differ)}): tampered; the record is the truth")
+                p.snapshots.extend(sorted(mine))
+
     # -- data ----------------------------------------------------------------------------------------------
 
     def select_packs(self, subset: str | None) -> list[str]:
@@ -212,6 +261,10 @@ class Checker:
                 snaps, files = by_object[key]
                 problem.snapshots = sorted(set(problem.snapshots) | snaps)
                 problem.files = files
+
+
+_SNAPSHOT_TABLE = re.compile(r"^tables/snapshots/source=([^/]+)/snapshot=([1-9][0-9]{0,18})/snapshot\.parquet$")
+_MAX_TABLE = 1 << 20
 
 
 def rebuild_index(repo: Repository) -> tuple[int, int, list[str]]:

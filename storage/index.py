@@ -15,7 +15,7 @@ import zstandard
 
 from .crypto import Sealer, object_key
 from .errors import IntegrityError
-from .pack import PackEntry
+from .pack import PackEntry, decompress_bounded
 
 MAGIC = b"VFIX"
 VERSION = 1
@@ -23,6 +23,11 @@ HEADER = struct.Struct("<4sB3x32s")  # magic, version, salt
 COUNTS = struct.Struct("<II")  # packs, entries
 AAD = b"vaultflow index v1"
 _MERGE_AT = 65536  # pending entries kept in a dict before they are merged into the sorted columns
+ROW_SIZE = 32 + 4 * 4 + 1  # id, pack number, offset, stored length, raw length, type
+# Honest plain bodies are mostly random 32-byte ids, which zstd cannot shrink: they compress by well under 2x.
+# A body claiming more than this ratio (or a frame expanding beyond it) is a decompression bomb.
+MAX_RATIO = 8
+MIN_CAP = 1 << 16
 
 
 def _prefix_keys(ids: np.ndarray) -> np.ndarray:
@@ -158,6 +163,21 @@ class Index:
             self._merge()
             return {self.packs[int(n)] for n in np.unique(self._pack)}
 
+    def drop_packs(self, gone: set[str]) -> int:
+        """Forget every entry in the packs `gone` (lost from storage), so lookups find another copy or none and
+        a backup stores those chunks again; returns how many entries were dropped."""
+        with self._lock:
+            self._merge()
+            numbers = [self._pack_no[p] for p in gone if p in self._pack_no]
+            if not numbers:
+                return 0
+            keep = ~np.isin(self._pack, np.array(numbers, np.uint32))
+            dropped = int(len(keep) - keep.sum())
+            self._keys, self._ids, self._pack = self._keys[keep], self._ids[keep], self._pack[keep]
+            self._offset, self._length = self._offset[keep], self._length[keep]
+            self._raw, self._type = self._raw[keep], self._type[keep]
+            return dropped
+
 
 def encode_index_file(index_key: bytes, by_pack: dict[str, list[PackEntry]], level: int = 3) -> bytes:
     """Serialise entries of some packs into an encrypted index file."""
@@ -189,13 +209,18 @@ def decode_index_file(index_key: bytes, data: bytes, obj: str) -> tuple[list[str
         raise IntegrityError(obj, f"unsupported index version {version}")
     compressed = Sealer(object_key(index_key, salt)).open(memoryview(data)[HEADER.size:], AAD + data[:HEADER.size],
                                                           obj)
+    cap = max(MIN_CAP, MAX_RATIO * len(compressed))
+    body = decompress_bounded(zstandard.ZstdDecompressor(), compressed, cap, obj, "index file body")
     try:
-        body = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=1 << 34)
         npacks, n = COUNTS.unpack_from(body)
         end_names = body.index(b"\0", COUNTS.size)
+        pos = end_names + 1
+        if pos + ROW_SIZE * n != len(body):  # before any column is sliced: counts must match the real bytes
+            raise ValueError(f"{n} entries need {pos + ROW_SIZE * n} bytes, the body has {len(body)}")
         names = body[COUNTS.size:end_names].decode()
         packs = names.split("\n") if npacks else []
-        pos = end_names + 1
+        if len(packs) != npacks:
+            raise ValueError(f"{len(packs)} pack names for a pack count of {npacks}")
         ids = np.frombuffer(body, np.uint8, 32 * n, pos).reshape(n, 32)
         pos += 32 * n
         cols = []
@@ -203,8 +228,8 @@ def decode_index_file(index_key: bytes, data: bytes, obj: str) -> tuple[list[str
             cols.append(np.frombuffer(body, "<u4", n, pos).astype(np.uint32))
             pos += 4 * n
         btype = np.frombuffer(body, np.uint8, n, pos)
-        if pos + n != len(body) or len(packs) != npacks or (n and int(cols[0].max()) >= npacks):
-            raise ValueError("inconsistent sizes")
-    except (ValueError, struct.error, zstandard.ZstdError, UnicodeDecodeError) as e:
+        if n and int(cols[0].max()) >= npacks:
+            raise ValueError("a pack number beyond the pack list")
+    except (ValueError, struct.error, UnicodeDecodeError) as e:
         raise IntegrityError(obj, f"index file body is malformed ({e})") from None
     return packs, ids.copy(), cols[0], cols[1], cols[2], cols[3], btype.copy()

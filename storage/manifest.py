@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .crypto import Sealer, object_key
+from .crypto import Sealer, content_hash, object_key
 from .errors import IntegrityError, VaultflowError
+from .snapshot import SnapshotRecord, parse_utc
 
 SCHEMA_VERSION = 1
 ID = pa.binary(32)
@@ -65,6 +66,7 @@ SNAPSHOTS_SCHEMA = pa.schema([
     pa.field("bytes_added", pa.int64()),  # new data, before compression
     pa.field("bytes_stored", pa.int64()),  # new data as stored (compressed, encrypted)
     pa.field("vaultflow_version", pa.string()),
+    pa.field("manifest", pa.string()),  # the files manifest this record committed (object name)
 ], metadata={"vaultflow.schema": "snapshots", "vaultflow.schema_version": str(SCHEMA_VERSION)})
 
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -81,6 +83,15 @@ def check_source_name(name: str) -> str:
 
 def files_name(source: str, serial: int, private: bool = False) -> str:
     return f"manifests/source={source}/snapshot={serial}/files.parquet" + (".enc" if private else "")
+
+
+def content_named(base: str, data: bytes) -> str:
+    """`base` with the first 128 bits of the BLAKE3 of `data` in the file name: `…/files.parquet` becomes
+    `…/files-<32 hex>.parquet`. A run that never committed can leave a manifest behind, and a later run of the
+    same serial writes its own beside it, so no object a committed record names is ever replaced."""
+    folder, _, leaf = base.rpartition("/")
+    stem, dot, ext = leaf.partition(".")
+    return f"{folder}/{stem}-{content_hash(data)[:32]}{dot}{ext}"
 
 
 def errors_name(source: str, serial: int) -> str:
@@ -139,6 +150,17 @@ def errors_table(files: pa.Table, listing_errors: list[tuple[bytes, str]]) -> pa
     rows += [{"path": display_path(raw)[0], "raw_path": display_path(raw)[1], "stage": "discover", "error": e}
              for raw, e in listing_errors]
     return table_from_rows(rows, ERRORS_SCHEMA)
+
+
+def snapshot_row(rid: str, record: SnapshotRecord) -> pa.Table:
+    """The one-row tables/snapshots table derived from an authenticated record: the backup writes it after its
+    commit and `check` compares what storage holds with it."""
+    row = {"id": rid, "source": record.source, "serial": record.serial, "host": record.host,
+           "started": parse_utc(record.started), "finished": parse_utc(record.finished), "parent": record.parent,
+           "vaultflow_version": record.vaultflow_version,
+           "manifest": next((n for n in record.manifests if n.startswith("manifests/")), None),
+           **{k: v for k, v in record.stats.items() if k in SNAPSHOTS_SCHEMA.names}}
+    return table_from_rows([row], SNAPSHOTS_SCHEMA)
 
 
 def table_from_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

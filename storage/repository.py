@@ -5,6 +5,7 @@ Write order is packs → index → manifest → snapshot record; the record is t
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import threading
@@ -17,10 +18,10 @@ from .chunker import Chunker, ChunkerParams
 from .crypto import content_hash, keyed_hash
 from .errors import IntegrityError, NotARepository, ObjectMissing, RepositoryExists, VaultflowError, WrongPassword
 from .index import Index, decode_index_file
-from .keys import KdfParams, MasterKey, unwrap_master_key, wrap_master_key
+from .keys import MAX_KEY_FILE_SIZE, KdfParams, KeyInfo, MasterKey, key_info, unwrap_master_key, wrap_master_key
 from .lock import STALE_AFTER, Lock
 from .pack import BlobType, PackEntry, PackReader
-from .snapshot import SnapshotRecord, decode_record, encode_record, utc_now
+from .snapshot import DamagedRecord, SnapshotRecord, decode_record, encode_record, peek_record, utc_now
 from .upload import WriteSession
 
 REPOSITORY_VERSION = 1
@@ -46,27 +47,47 @@ class RepoConfig:
     @staticmethod
     def peek(data: bytes) -> dict[str, Any]:
         """The config's fields before they can be authenticated (no key is open yet)."""
+        return RepoConfig._outer(data)[0]
+
+    @staticmethod
+    def _outer(data: bytes) -> tuple[dict[str, Any], Any]:
         try:
-            body = json.loads(data)["vaultflow_repository"]
+            outer = json.loads(data)
+            body = outer["vaultflow_repository"]
             if not isinstance(body, dict):
                 raise TypeError
-            return body
-        except (ValueError, KeyError, TypeError):
+            return body, outer.get("mac")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise IntegrityError(CONFIG, "repository config is not valid JSON (corrupted)") from None
 
     @staticmethod
     def decode(data: bytes, config_key: bytes) -> RepoConfig:
-        body = RepoConfig.peek(data)
-        mac = bytes.fromhex(json.loads(data).get("mac", ""))
-        if keyed_hash(config_key, _canonical(body)) != mac:
+        """Authenticate and parse; the bytes must be exactly what `encode` writes (MAC hex case included)."""
+        body, mac = RepoConfig._outer(data)
+        try:
+            expected = keyed_hash(config_key, _canonical(body)).hex()
+        except RecursionError:  # JSON nested deeper than re-encoding allows is not a config vaultflow wrote
+            raise IntegrityError(CONFIG, "repository config is nested too deeply (corrupted)") from None
+        # Compare the lowercase hex text, not bytes.fromhex(mac): that accepts either case and raises on non-hex.
+        if not isinstance(mac, str) or not mac.isascii() or not hmac.compare_digest(mac, expected):
             raise IntegrityError(CONFIG, "repository config MAC mismatch (modified or corrupted)")
         if body.get("version") != REPOSITORY_VERSION:
             raise NotARepository(f"repository version {body.get('version')} is not {REPOSITORY_VERSION}")
-        return RepoConfig(**{**body, "chunker": ChunkerParams(**body["chunker"])})
+        try:
+            config = RepoConfig(**{**body, "chunker": ChunkerParams(**body["chunker"])})
+        except (TypeError, KeyError) as e:
+            raise IntegrityError(CONFIG, f"repository config has unexpected fields ({e})") from None
+        if config.encode(config_key) != data:
+            raise IntegrityError(CONFIG, "repository config is not byte-for-byte what vaultflow wrote (modified)")
+        return config
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _is_full_id(spec: str) -> bool:
+    return len(spec) == 64 and all(c in "0123456789abcdef" for c in spec.lower())
 
 
 class Repository:
@@ -103,7 +124,7 @@ class Repository:
         config = RepoConfig(id=os.urandom(16).hex(), created=utc_now(), chunker=chunker or ChunkerParams(),
                             pack_size=pack_size, compression_level=compression_level,
                             private_manifests=private_manifests)
-        key_name = cls._write_key(backend, master, password, kdf)
+        key_name = cls._write_key(backend, master, password, kdf)  # refuses out-of-range KDF parameters
         backend.write(CONFIG, config.encode(master.config_key))
         return cls(backend, config, master, key_name)
 
@@ -113,6 +134,12 @@ class Repository:
         name = f"keys/{content_hash(data)[:32]}"
         backend.write(name, data, content_named=True)
         return name
+
+    @staticmethod
+    def _read_key(backend: Backend, name: str, size: int) -> bytes:
+        if size > MAX_KEY_FILE_SIZE:  # not read at all: a huge object in keys/ must not exhaust memory
+            raise IntegrityError(name, f"key file is {size} bytes, more than a key file's {MAX_KEY_FILE_SIZE}")
+        return backend.read(name)
 
     @classmethod
     def open(cls, url: str, password: str, *, storage_options: dict[str, Any] | None = None) -> Repository:
@@ -124,21 +151,25 @@ class Repository:
             raise NotARepository(f"{url}: no vaultflow repository here (no config); create one with `vaultflow init`") \
                 from None
         RepoConfig.peek(config_data)
-        corrupt: list[IntegrityError] = []
-        key_names = [name for name, _ in backend.list("keys")]
-        for name in key_names:
+        damaged: list[str] = []
+        reasons: list[str] = []
+        listing = list(backend.list("keys"))
+        for name, size in listing:
+            # One damaged or hostile key file is skipped, whatever is wrong with it: it never blocks the others.
             try:
-                master = unwrap_master_key(backend.read(name), password, name)
+                master = unwrap_master_key(cls._read_key(backend, name, size), password, name)
             except WrongPassword:
                 continue
-            except IntegrityError as e:
-                corrupt.append(e)
+            except (IntegrityError, ObjectMissing, OSError) as e:
+                damaged.append(name)
+                reasons.append(e.problem if isinstance(e, IntegrityError) else str(e))
                 continue
             return cls(backend, RepoConfig.decode(config_data, master.config_key), master, name)
-        if corrupt and len(corrupt) == len(key_names):
-            raise corrupt[0]
-        damaged = f" ({len(corrupt)} damaged key files skipped: {corrupt[0]})" if corrupt else ""
-        raise WrongPassword(f"wrong password: none of the {len(key_names)} key files in {url} opens with it{damaged}")
+        if damaged and len(damaged) == len(listing):
+            raise IntegrityError(", ".join(damaged), f"every key file is damaged ({'; '.join(reasons)})",
+                                 "restore an intact key file from a copy of keys/")
+        skipped = f" ({len(damaged)} damaged key files skipped: {', '.join(damaged)})" if damaged else ""
+        raise WrongPassword(f"wrong password: none of the {len(listing)} key files in {url} opens with it{skipped}")
 
     # -- keys ----------------------------------------------------------------------------------------------
 
@@ -148,13 +179,34 @@ class Repository:
     def list_keys(self) -> list[str]:
         return [name for name, _ in self.backend.list("keys")]
 
-    def remove_key(self, name: str) -> None:
+    def describe_keys(self) -> list[KeyInfo]:
+        """Every key file with its created time, host and user, or why it is damaged (no passwords needed)."""
+        out = []
+        for name, size in self.backend.list("keys"):
+            try:
+                out.append(key_info(self.master, self._read_key(self.backend, name, size), name))
+            except (IntegrityError, ObjectMissing, OSError) as e:
+                out.append(KeyInfo(name, problem=str(e)))
+        return out
+
+    def resolve_key(self, spec: str) -> str:
+        """`keys/<id>`, a bare id, or a unique prefix of one, to a key file name."""
+        wanted = spec.strip().lower().removeprefix("keys/")
         keys = self.list_keys()
-        if name not in keys:
-            raise VaultflowError(f"{name}: no such key in {self.url}")
-        if len(keys) == 1:
-            raise VaultflowError(f"{name} is the only key; add another password before removing it")
+        hits = [k for k in keys if k == f"keys/{wanted}"] or [k for k in keys if wanted and k[5:].startswith(wanted)]
+        if len(hits) != 1:
+            problem = "matches no key file" if not hits else f"is ambiguous ({len(hits)} key files match)"
+            raise VaultflowError(f"key {spec!r} {problem} in {self.url}; see `vaultflow key list`")
+        return hits[0]
+
+    def remove_key(self, spec: str) -> str:
+        """Remove one key file; refused when no other key file that opens this repository would remain."""
+        name = self.resolve_key(spec)
+        if not any(k.problem is None and k.name != name for k in self.describe_keys()):
+            raise VaultflowError(f"{name} is the only key file that opens this repository; add another password "
+                                 "(`vaultflow key add`) before removing it")
         self.backend.delete(name)
+        return name
 
     def change_password(self, new_password: str, kdf: KdfParams | None = None) -> str:
         """Add a key file for the new password, then remove the one this session opened with."""
@@ -196,6 +248,15 @@ class Repository:
                                  "run `vaultflow repair index` to rebuild the index from the packs")
         return decode_index_file(self.master.index_key, data, name)
 
+    def forget_lost_packs(self, listed: set[str] | None = None) -> list[str]:
+        """Drop from the loaded index every pack that storage no longer has (one listing of data/, or `listed`),
+        so a lookup finds a surviving copy of a chunk or none, never a lost one; returns the lost packs."""
+        present = listed if listed is not None else {name for name, _ in self.backend.list("data")}
+        lost = sorted(self.index.pack_set() - present)
+        if lost:
+            self.index.drop_packs(set(lost))
+        return lost
+
     def reload_index(self) -> None:
         with self._index_lock:
             self._index = None
@@ -209,8 +270,16 @@ class Repository:
         if found is None:
             raise ObjectMissing(f"blob {blob_id.hex()} is not in the index (missing chunk)")
         pack, entry = found
-        header, sealed = self.backend.read_ranges(
-            pack, [(0, packfmt.HEADER_SIZE), (entry.offset, entry.offset + entry.length)])
+        try:
+            header, sealed = self.backend.read_ranges(
+                pack, [(0, packfmt.HEADER_SIZE), (entry.offset, entry.offset + entry.length)])
+        except ObjectMissing:
+            if pack not in self.forget_lost_packs():
+                raise
+            if self.index.lookup(blob_id) is None:
+                raise ObjectMissing(f"blob {blob_id.hex()}: its pack {pack} is missing from {self.url} and no "
+                                    "other pack holds it") from None
+            return self.load_blob(blob_id, verify=verify)  # the copy a later backup stored
         data = PackReader(self.master.blob_key, header, pack).blob(sealed, entry)
         if verify:
             self.verify_chunk(data, entry, pack)
@@ -232,8 +301,9 @@ class Repository:
     # -- content-named objects (manifests) -----------------------------------------------------------------
 
     def write_object(self, name: str, data: bytes) -> str:
-        """Store an immutable object and return its BLAKE3, to be recorded in the snapshot record."""
-        self.backend.write(name, data, content_named=False)
+        """Store an immutable object whose name carries its content hash (see manifest.content_named) and return
+        its BLAKE3, to be recorded in the snapshot record; a retry that finds it stored already succeeds."""
+        self.backend.write(name, data, content_named=True)
         return content_hash(data)
 
     def read_object(self, name: str, expected_hash: str) -> bytes:
@@ -247,31 +317,51 @@ class Repository:
 
     def commit(self, record: SnapshotRecord) -> str:
         """Write the snapshot record: the commit point. Everything it names must already be durable."""
-        rid, data = encode_record(self.master.record_key, record)
+        rid, data = encode_record(self.master.record_key, record, self.config.private_manifests)
         self.backend.write(f"snapshots/{rid}", data, content_named=True)
         return rid
 
     def snapshots(self) -> dict[str, SnapshotRecord]:
-        """Every snapshot record, authenticated; a damaged one raises IntegrityError naming it."""
+        """Every authenticated snapshot record. A damaged one never blocks the others: it is left out and kept,
+        with what it claims to be, in `damaged_records` (by id) for callers to report."""
         out: dict[str, SnapshotRecord] = {}
+        damaged: dict[str, DamagedRecord] = {}
         for name, _ in self.backend.list("snapshots"):
             rid = name.rsplit("/", 1)[-1]
-            out[rid] = self.snapshot(rid)
+            try:
+                data = self.backend.read(name)
+            except ObjectMissing:  # removed (by prune) between listing and reading: not damage
+                continue
+            try:
+                out[rid] = decode_record(self.master.record_key, data, name, rid)
+            except IntegrityError as e:
+                damaged[rid] = DamagedRecord(name, e.problem, *peek_record(data))
+        self.damaged_records = damaged
         return out
 
     def snapshot(self, rid: str) -> SnapshotRecord:
-        """One snapshot record by its full id, authenticated."""
+        """One snapshot record by its full id, authenticated (IntegrityError naming it if damaged)."""
         name = f"snapshots/{rid}"
         return decode_record(self.master.record_key, self.backend.read(name), name, rid)
 
     def latest(self, source: str, records: dict[str, SnapshotRecord] | None = None) -> tuple[str, SnapshotRecord] \
             | None:
         """The record with the highest serial of `source` (serials order history, clocks do not)."""
-        mine = [(rec.serial, rid, rec) for rid, rec in (records or self.snapshots()).items() if rec.source == source]
+        records = records if records is not None else self.snapshots()
+        mine = [(rec.serial, rid, rec) for rid, rec in records.items() if rec.source == source]
         if not mine:
             return None
         _, rid, rec = max(mine)
         return rid, rec
+
+    def next_serial(self, source: str, records: dict[str, SnapshotRecord] | None = None) -> int:
+        """The serial a new snapshot of `source` takes: above every good record of it and above every damaged
+        record that claims it, so a damaged head is reported by check but its serial is never reused.
+        `records` from a snapshots() call just made saves listing them again."""
+        records = records if records is not None else self.snapshots()
+        serials = [rec.serial for rec in records.values() if rec.source == source]
+        serials += [d.serial for d in self.damaged_records.values() if d.source == source and d.serial is not None]
+        return 1 + max(serials, default=0)
 
     # -- locks ---------------------------------------------------------------------------------------------
 
@@ -282,7 +372,16 @@ class Repository:
 
     def find_snapshot(self, spec: str, records: dict[str, SnapshotRecord] | None = None) -> tuple[str, SnapshotRecord]:
         """Resolve `latest`, `SOURCE:latest`, `SOURCE:SERIAL` or a unique id prefix to one snapshot."""
+        if records is None and _is_full_id(spec):  # one read: damage elsewhere is irrelevant to it
+            try:
+                return spec.lower(), self.snapshot(spec.lower())
+            except ObjectMissing:
+                raise VaultflowError(f"snapshot {spec!r} matches no snapshot; name one by id prefix, 'latest' or "
+                                     "SOURCE:SERIAL (see `vaultflow snapshots`)") from None
         records = records if records is not None else self.snapshots()
+        damaged = getattr(self, "damaged_records", {}).get(spec.lower())
+        if damaged is not None and _is_full_id(spec) and spec.lower() not in records:
+            raise IntegrityError(damaged.name, damaged.reason)
         source, _, which = spec.rpartition(":") if ":" in spec else ("", "", spec)
         if which == "latest":
             pool = {rid: r for rid, r in records.items() if not source or r.source == source}
@@ -307,7 +406,11 @@ class Repository:
         """The snapshot's files table (a pyarrow Table), checked against the hash in its record."""
         from . import manifest
 
-        [(name, digest)] = [(n, h) for n, h in record.manifests.items() if n.startswith("manifests/")]
+        files = [(n, h) for n, h in record.manifests.items() if n.startswith("manifests/")]
+        if len(files) != 1:
+            raise IntegrityError(f"snapshot {record.source}:{record.serial}", f"record names {len(files)} files "
+                                 "manifests, expected exactly one")
+        [(name, digest)] = files
         data = self.read_object(name, digest)
         if name.endswith(".enc"):
             data = manifest.open_manifest(self.master.manifest_key, data, name)

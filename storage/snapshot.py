@@ -1,20 +1,30 @@
 """Snapshot records: the commit point of a backup, MAC'd and hash-chained per source.
 
-A record is canonical JSON plus a keyed-BLAKE3 MAC, stored as `snapshots/<blake3 of its bytes>`.
+A record is canonical JSON plus a keyed-BLAKE3 MAC, stored as `snapshots/<blake3 of its bytes>`; with private
+manifests its descriptive fields are sealed deterministically (SIV-style), so a retry names the same object.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .crypto import content_hash, keyed_hash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .crypto import NONCE_SIZE, OVERHEAD, content_hash, derive_subkey, keyed_hash
 from .errors import IntegrityError
 
 FORMAT_VERSION = 1
+# What a private record leaves readable: enough to attribute a damaged record to its source and serial, so a
+# backup never reuses that serial and check can place it in the chain (docs/format.md §6).
+CLEAR_FIELDS = ("format_version", "source", "serial", "previous")
+SEALED = "sealed"
+SEAL_AAD = b"vaultflow snapshot record v1"
 
 
 def parse_utc(text: str) -> datetime:
@@ -54,30 +64,103 @@ def _canonical(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def encode_record(record_key: bytes, record: SnapshotRecord) -> tuple[str, bytes]:
-    """(id, bytes) of a record; the id is the BLAKE3 hash of the bytes, so the name authenticates content too."""
+@dataclass(frozen=True)
+class DamagedRecord:
+    """A record that failed to parse or authenticate; `source` and `serial` are what it claims, unverified."""
+
+    name: str
+    reason: str
+    source: str | None = None
+    serial: int | None = None
+
+
+def _seal_keys(record_key: bytes) -> tuple[AESGCM, bytes]:
+    # Derived from the record MAC key (BLAKE3's derive-key mode is domain-separated from its keyed mode), so every
+    # reader that can authenticate a record can also open it.
+    return (AESGCM(derive_subkey(record_key, "snapshot record encryption")),
+            derive_subkey(record_key, "snapshot record nonce"))
+
+
+def _seal(record_key: bytes, clear: dict[str, Any], hidden: dict[str, Any]) -> str:
+    """nonce || AES-GCM(hidden) in base64; the nonce is a keyed hash of everything sealed (SIV-style), so equal
+    records encrypt to equal bytes and different ones reuse a nonce only on a 96-bit collision."""
+    aead, nonce_key = _seal_keys(record_key)
+    aad, plain = SEAL_AAD + _canonical(clear), _canonical(hidden)
+    nonce = keyed_hash(nonce_key, len(aad).to_bytes(8, "little") + aad + plain)[:NONCE_SIZE]
+    return base64.b64encode(nonce + aead.encrypt(nonce, plain, aad)).decode()
+
+
+def _unseal(record_key: bytes, clear: dict[str, Any], sealed: str, obj: str) -> dict[str, Any]:
+    raw = base64.b64decode(sealed, validate=True)
+    if len(raw) < OVERHEAD:
+        raise IntegrityError(obj, f"sealed part of the snapshot record is {len(raw)} bytes, shorter than {OVERHEAD}")
+    aead, _ = _seal_keys(record_key)
+    try:
+        hidden = json.loads(aead.decrypt(raw[:NONCE_SIZE], raw[NONCE_SIZE:], SEAL_AAD + _canonical(clear)))
+    except InvalidTag:
+        raise IntegrityError(obj, "sealed part of the snapshot record does not authenticate") from None
+    if not isinstance(hidden, dict):
+        raise ValueError("sealed part is not an object")
+    return hidden
+
+
+def encode_record(record_key: bytes, record: SnapshotRecord, private: bool = False) -> tuple[str, bytes]:
+    """(id, bytes) of a record; the id is the BLAKE3 hash of the bytes, so the name authenticates content too.
+
+    Deterministic: the same record always gives the same bytes, so a retried commit writes the same object.
+    """
     body = record.body()
+    if private:
+        clear = {k: body[k] for k in CLEAR_FIELDS}
+        body = {**clear, SEALED: _seal(record_key, clear, {k: v for k, v in body.items() if k not in clear})}
     data = _canonical({"record": body, "mac": keyed_hash(record_key, _canonical(body)).hex()}) + b"\n"
     return content_hash(data), data
 
 
 def decode_record(record_key: bytes, data: bytes, obj: str, expected_id: str | None = None) -> SnapshotRecord:
-    """Parse and authenticate a record; a changed byte anywhere raises IntegrityError naming `obj`."""
+    """Parse and authenticate a record; a changed byte anywhere raises IntegrityError naming `obj`.
+
+    Only the exact canonical encoding is accepted, so a record has one spelling and one name.
+    """
     if expected_id is not None and content_hash(data) != expected_id:
         raise IntegrityError(obj, "snapshot record does not hash to its name (modified or corrupted)")
-    try:
+    try:  # hostile bytes: any parser failure (deep nesting's RecursionError too) is damage, never a crash
         outer = json.loads(data)
         body, mac = outer["record"], bytes.fromhex(outer["mac"])
-    except (ValueError, KeyError, TypeError):
-        raise IntegrityError(obj, "snapshot record is not valid JSON (corrupted)") from None
-    if not hmac.compare_digest(keyed_hash(record_key, _canonical(body)), mac):
+        if not isinstance(body, dict):
+            raise TypeError("record is not an object")
+        authentic = hmac.compare_digest(keyed_hash(record_key, _canonical(body)), mac)
+    except Exception as e:
+        raise IntegrityError(obj, f"snapshot record is not valid JSON (corrupted: {type(e).__name__})") from None
+    if not authentic:
         raise IntegrityError(obj, "snapshot record MAC mismatch (forged, modified or from another repository)")
     if body.get("format_version") != FORMAT_VERSION:
         raise IntegrityError(obj, f"snapshot record format {body.get('format_version')} is not {FORMAT_VERSION}")
+    private = SEALED in body
     try:
-        return SnapshotRecord(**body)
-    except TypeError as e:
-        raise IntegrityError(obj, f"snapshot record has unexpected fields ({e})") from None
+        if private:
+            clear = {k: v for k, v in body.items() if k != SEALED}
+            body = {**clear, **_unseal(record_key, clear, body[SEALED], obj)}
+        record = SnapshotRecord(**body)
+        canonical = encode_record(record_key, record, private)[1]
+    except IntegrityError:
+        raise
+    except Exception as e:
+        raise IntegrityError(obj, f"snapshot record has unexpected content ({type(e).__name__}: {e})") from None
+    if canonical != data:
+        raise IntegrityError(obj, "snapshot record is not in its canonical encoding (modified)")
+    return record
+
+
+def peek_record(data: bytes) -> tuple[str | None, int | None]:
+    """The source and serial a record claims, read without any check: only for reporting a damaged record."""
+    try:
+        body = json.loads(data)["record"]
+        source, serial = body.get("source"), body.get("serial")
+    except Exception:
+        return None, None
+    return (source if isinstance(source, str) else None,
+            serial if isinstance(serial, int) and not isinstance(serial, bool) else None)
 
 
 def chain_problems(records: dict[str, SnapshotRecord]) -> list[str]:

@@ -170,8 +170,11 @@ def test_snapshot_records_commit_and_tampering_is_named(location):
     assert reopen(location).snapshots() == {rid: rec}
     assert repo.latest("home") == (rid, rec) and repo.latest("other") is None
     corrupt(repo.backend, f"snapshots/{rid}", 30)
+    again = reopen(location)
+    assert again.snapshots() == {}  # a damaged record is set aside and named, never returned
+    assert again.damaged_records[rid].name == f"snapshots/{rid}"
     with pytest.raises(IntegrityError, match=f"snapshots/{rid}"):
-        reopen(location).snapshots()
+        again.snapshot(rid)
 
 
 def test_tampered_object_is_detected_against_its_recorded_hash(location):
