@@ -92,18 +92,27 @@ class Backend:
     def write(self, name: str, data: bytes, *, content_named: bool = False) -> None:
         """Store a new object atomically; it is never visible half-written and never replaces another.
 
-        For a content-named object an existing one of the same name and size is the same object (a run
-        resuming after a crash), so the write succeeds without uploading again.
+        Creation is a real create-if-absent: `link()` on local disks, a conditional PUT (`If-None-Match: *`) on
+        S3, fsspec's `mode="create"` elsewhere. For a content-named object an existing one of the same name and
+        size is the same object (a run resuming after a crash), so the write succeeds without uploading again.
         """
         path = self.path(name)
         if self.is_local:
             self._write_local(path, data, overwrite=False, content_named=content_named, name=name)
             return
-        if self.fs.exists(path):
-            if content_named and int(self.fs.size(path)) == len(data):
+        try:
+            self.fs.pipe_file(path, data, mode="create")  # one PUT, or a multipart upload completed only if absent
+        except FileExistsError:
+            if content_named and self._size_or_none(path) == len(data):
                 return
-            raise ObjectExists(f"{name}: refusing to overwrite an existing object in {self.url}")
-        self.fs.pipe_file(path, data)  # one PUT, or a multipart upload that appears only when completed
+            raise ObjectExists(f"{name}: refusing to overwrite an existing object in {self.url}") from None
+
+    def _size_or_none(self, path: str) -> int | None:
+        try:
+            self.fs.invalidate_cache(path)
+            return int(self.fs.size(path))
+        except FileNotFoundError:
+            return None
 
     def replace(self, name: str, data: bytes) -> None:
         """Atomically write or replace a small mutable object (lock files only)."""
@@ -113,11 +122,24 @@ class Backend:
         else:
             self.fs.pipe_file(path, data)
 
-    def delete(self, name: str) -> None:
+    def modified(self, name: str) -> float | None:
+        """When the object was last written (Unix seconds), where the backend says; None when it is gone."""
         try:
-            self.fs.rm_file(self.path(name))
+            return float(self.fs.modified(self.path(name)).timestamp())
         except FileNotFoundError:
-            pass
+            return None
+        except (NotImplementedError, AttributeError, ValueError, TypeError, OSError):
+            return None
+
+    def delete(self, name: str) -> None:
+        """Remove an object; on local disks the folder is fsync'd so the removal survives a crash too."""
+        path = self.path(name)
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            return
+        if self.is_local:
+            _fsync_dir(os.path.dirname(path))
 
     def _write_local(self, path: str, data: bytes, *, overwrite: bool, content_named: bool, name: str) -> None:
         folder = os.path.dirname(path)
@@ -150,11 +172,33 @@ class Backend:
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
                 raise
-            if os.path.exists(path):  # no hard links on this filesystem: check, then rename
-                if content_named and os.path.getsize(path) == size:
-                    return
-                raise ObjectExists(f"{name}: refusing to overwrite an existing object in {self.url}") from None
-            os.rename(tmp, path)
+            self._rename_new(tmp, path, size, content_named, name)
+
+    def _rename_new(self, tmp: str, path: str, size: int, content_named: bool, name: str) -> None:
+        """No hard links on this filesystem: renameat2(RENAME_NOREPLACE) where the kernel has it."""
+        try:
+            _rename_noreplace(tmp, path)
+        except FileExistsError:
+            if content_named and os.path.getsize(path) == size:
+                return
+            raise ObjectExists(f"{name}: refusing to overwrite an existing object in {self.url}") from None
+
+
+def _rename_noreplace(src: str, dst: str) -> None:
+    """rename() that fails with FileExistsError instead of replacing `dst` (Linux renameat2)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # no atomic no-replace rename here: the check below is the best this system offers
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", dst)
+        os.rename(src, dst)
+        return
+    at_fdcwd, rename_noreplace = -100, 1
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst) if err != errno.EEXIST else FileExistsError(err, "exists", dst)
 
 
 def _fsync_dir(folder: str) -> None:

@@ -43,5 +43,9 @@ class RepositoryLocked(VaultflowError):
     """Another process holds a lock that conflicts with the one requested."""
 
 
+class LockLost(RepositoryLocked):
+    """A holder found that its lock was taken from it (judged stale by another process); it must not commit."""
+
+
 class SourceError(VaultflowError):
     """A source could not be read."""
