@@ -5,6 +5,7 @@ Works on Arrow tables and scratch files; a batch's bytes never leave this module
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -99,33 +100,95 @@ class RemoteFiles(Protocol):
 
 
 def archive_files(repo: Repository, session: WriteSession, root: str, keys: list[bytes],
-                  remote: RemoteFiles | None = None) -> tuple[pa.Table, BatchStats]:
-    """Read, chunk, hash and pack each file under `root` (or of `remote`); returns one result row per file."""
+                  remote: RemoteFiles | None = None,
+                  idents: list[tuple[int, int]] | None = None) -> tuple[pa.Table, BatchStats]:
+    """Read, chunk, hash and pack each file under `root` (or of `remote`); returns one result row per file.
+
+    `idents` are the listing's (dev, inode) of each local file: a file whose opened inode is another one was
+    replaced since it was listed (perhaps by a link to a file its owner could not read) and is not stored.
+    """
     packer = session.packer()
     chunker = repo.chunker()
     id_key, file_key = repo.master.chunk_id_key, repo.master.file_hash_key
-    root_b = os.fsencode(root)
     rows: dict[str, list[object]] = {name: [] for name in RESULT_SCHEMA.names}
     stats = BatchStats()
-    for key in keys:
-        path = root_b + b"/" + key
-        result: tuple[object, ...]
-        try:
-            if remote is None:
-                result = _archive_one(path, chunker, packer, session, id_key, file_key, stats)
-            else:
-                result = _archive_remote(remote, key, chunker, packer, session, id_key, file_key, stats)
-        except OSError as e:
-            result = (None, None, 0, 0, 0, 0, _describe(e))
-        if result[-1] is not None:
-            stats.errors += 1
-        stats.files += 1
-        for name, value in zip(RESULT_SCHEMA.names, result, strict=True):
-            rows[name].append(value)
+    dirs: _Folders | None = None
+    try:
+        for i, key in enumerate(keys):
+            result: tuple[object, ...]
+            try:
+                if remote is not None:
+                    result = _archive_remote(remote, key, chunker, packer, session, id_key, file_key, stats)
+                else:
+                    if dirs is None:
+                        dirs = _Folders(os.fsencode(root))
+                    dir_fd, name = dirs.parent_of(key)
+                    ident = idents[i] if idents is not None else None
+                    result = _archive_one(dir_fd, name, ident, chunker, packer, session, id_key, file_key, stats)
+            except OSError as e:
+                result = (None, None, 0, 0, 0, 0, _describe(e))
+            if result[-1] is not None:
+                stats.errors += 1
+            stats.files += 1
+            for col, value in zip(RESULT_SCHEMA.names, result, strict=True):
+                rows[col].append(value)
+    finally:
+        if dirs is not None:
+            dirs.close()
     return pa.table(rows, schema=RESULT_SCHEMA), stats
 
 
+_PATH = getattr(os, "O_PATH", os.O_RDONLY)  # O_PATH needs only search permission on a folder passed through
+_DIR = _PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # O_NONBLOCK: a fifo swapped in cannot hang us
+REPLACED = "changed while being read (replaced since it was listed); not stored"
+
+
+class _Folders:
+    """Open folders from the root down to the current file's parent, reused by its siblings (keys come sorted).
+
+    Only the root is opened by its path; each folder below is opened from its parent's descriptor with
+    O_NOFOLLOW|O_DIRECTORY, so a folder swapped for a symlink (or a file) fails to open instead of leading
+    elsewhere.
+    """
+
+    def __init__(self, root: bytes) -> None:
+        self.root = os.open(root, _DIR & ~os.O_NOFOLLOW)  # the folder the user named may itself be a symlink
+        self.names: list[bytes] = []
+        self.fds: list[int] = []
+        self.current: bytes | None = None  # the folder part of the last key, whose fd is fds[-1] (or root)
+
+    def parent_of(self, key: bytes) -> tuple[int, bytes]:
+        """(descriptor of the folder holding `key`, the file's own name)."""
+        head, _, name = key.rpartition(b"/")
+        if head == self.current:  # a sibling of the last file: most keys, so the cheapest path
+            return (self.fds[-1] if self.fds else self.root), name
+        self.current = None  # until the chain below is complete
+        parts = head.split(b"/") if head else []
+        names, fds = self.names, self.fds
+        keep = 0
+        while keep < len(names) and keep < len(parts) and names[keep] == parts[keep]:
+            keep += 1
+        self._truncate(keep)
+        for part in parts[keep:]:
+            fds.append(os.open(part, _DIR, dir_fd=fds[-1] if fds else self.root))
+            names.append(part)
+        self.current = head
+        return (fds[-1] if fds else self.root), name
+
+    def _truncate(self, keep: int) -> None:
+        while len(self.fds) > keep:
+            self.names.pop()
+            os.close(self.fds.pop())
+
+    def close(self) -> None:
+        self._truncate(0)
+        os.close(self.root)
+
+
 def _describe(e: OSError) -> str:
+    if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+        return REPLACED  # O_NOFOLLOW met a symlink (EMLINK on FreeBSD), or O_DIRECTORY a file
     if isinstance(e, FileNotFoundError):
         return "vanished before it could be read"
     if isinstance(e, PermissionError):
@@ -133,11 +196,14 @@ def _describe(e: OSError) -> str:
     return f"read failed: {e.strerror or e}"
 
 
-def _archive_one(path: bytes, chunker, packer, session, id_key, file_key, stats: BatchStats) -> tuple[object, ...]:  # type: ignore[no-untyped-def]
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags)
+def _archive_one(dir_fd: int, name: bytes, ident: tuple[int, int] | None,  # type: ignore[no-untyped-def]
+                 chunker, packer, session, id_key, file_key, stats: BatchStats) -> tuple[object, ...]:
+    fd = os.open(name, _FILE, dir_fd=dir_fd)
     with os.fdopen(fd, "rb", buffering=0) as f:
         before = os.fstat(fd)
+        # Checked before a byte is read: another inode's bytes must never reach a pack under this path
+        if ident is not None and (before.st_dev, before.st_ino) != ident:
+            return None, None, 0, 0, 0, 0, REPLACED
         if not stat.S_ISREG(before.st_mode):
             return None, None, 0, 0, 0, 0, "no longer a regular file"
         digest, ids, read = _chunk_stream(f, chunker, packer, session, id_key, file_key, stats)
