@@ -1,18 +1,21 @@
 """Restoring a snapshot's files into a folder: hostile paths refused, each pack fetched once, every byte verified.
 
 Order: validate → directories → files pre-created at full size → data written pack by pack (threads) →
-whole-file hashes checked → hard links, fifos, symlinks → modes, owners and times, deepest first.
+whole-file hashes checked and file metadata set → hard links, fifos, symlinks → their metadata and the
+directories', deepest first. Every step goes through verified fds (restore_target.Cursor; format.md §10).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 import pyarrow as pa
@@ -22,15 +25,24 @@ from .errors import IntegrityError, ObjectMissing, VaultflowError
 from .manifest import raw_paths
 from .pack import HEADER_SIZE, PackEntry, PackReader
 from .repository import Repository
+from .restore_target import (
+    DIR_FLAGS,
+    FILE_FLAGS,
+    ChangedInTarget,
+    Cursor,
+    DirectoryNotRestored,
+    Ident,
+    ident,
+    open_target,
+)
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_CREATED = ("socket", "char", "block", "unknown")
-_READ_WHOLE_PACK = 0.5
-_DIR_FD_CACHE = 256  # fetch the whole pack when at least this share of it is needed, else ranges
+_READ_WHOLE_PACK = 0.5  # fetch the whole pack when at least this share of it is needed, else ranges
+_SETID = stat.S_ISUID | stat.S_ISGID
 
 
 class HostilePath(VaultflowError):
-    """A manifest path that would escape the target or pass through a link; nothing is written for it."""
+    """A manifest path that would escape the target, pass through a link or file, or appear twice: not written."""
 
 
 @dataclass
@@ -79,10 +91,13 @@ def select(table: pa.Table, includes: list[str] | list[bytes] | None) -> pa.Tabl
 
 
 class Restorer:
-    """Restores one snapshot's rows into `target`; reusable across the threads of one restore."""
+    """Restores one snapshot's rows into `target`; reusable across the threads of one restore.
+
+    `keep_setid`: restore set-user-ID and set-group-ID bits (default: only when running as root, like tar)."""
 
     def __init__(self, repo: Repository, table: pa.Table, target: str, *, overwrite: bool = False,
-                 workers: int = 2, progress: Callable[[int], None] | None = None) -> None:
+                 workers: int = 2, progress: Callable[[int], None] | None = None,
+                 keep_setid: bool | None = None) -> None:
         self.repo = repo
         self.rows = table.to_pylist()
         self.raws: list[bytes] = raw_paths(table).to_pylist()
@@ -91,64 +106,95 @@ class Restorer:
         self.workers = workers
         self.progress = progress or (lambda n: None)
         self.result = RestoreResult()
+        self._euid = os.geteuid()
+        self.keep_setid = self._euid == 0 if keep_setid is None else keep_setid
         self._lock = threading.Lock()
-        self._dir_fds: dict[bytes, int] = {}
+        self._root = -1
+        self._ids: dict[bytes, Ident] = {}  # every directory, file, fifo and link this restore made or adopted
+        self._failed_dirs: set[bytes] = set()
 
     # -- the plan ------------------------------------------------------------------------------------------
 
     def run(self) -> RestoreResult:
         """The whole restore, packs on a thread pool (the restore flow maps tasks over packs instead)."""
         packs = self.prepare()
-        with ThreadPoolExecutor(self.workers) as pool:
-            list(pool.map(lambda p: self.restore_packs([p]), packs))
+        try:
+            with ThreadPoolExecutor(self.workers) as pool:
+                list(pool.map(lambda p: self.restore_packs([p]), packs))
+        except BaseException:
+            self.close()
+            raise
         return self.finish()
 
     def prepare(self) -> list[str]:
         """Validate, create directories and empty files; returns the packs to fetch."""
-        self._prepare_target()
-        self._links = self._validate()
-        for i in self._order("dir"):
-            self._mkdir(i)
-        self._data_files = self._create_files()
-        self._by_pack = self._plan_packs(self._data_files)
+        self._root = open_target(self.target, self.overwrite)
+        try:
+            self._validate()
+            cursor = self._cursor(adopt=self.overwrite)
+            try:
+                for i in sorted(self._order("dir"), key=self.raws.__getitem__):  # parents before children
+                    self._mkdir(cursor, i)
+                self._data_files = self._create_files(cursor)
+            finally:
+                cursor.close()
+            self._by_pack = self._plan_packs(self._data_files)
+        except BaseException:
+            self.close()
+            raise
         return sorted(self._by_pack)
 
     def restore_packs(self, packs: list[str]) -> int:
         """Fetch each pack once and write its chunks wherever they belong; returns bytes written."""
-        return sum(self._restore_pack(p, self._by_pack[p]) for p in packs)
+        cursor = self._cursor()
+        try:
+            return sum(self._restore_pack(cursor, p, self._by_pack[p]) for p in packs)
+        finally:
+            cursor.close()
 
     def finish(self) -> RestoreResult:
         """Check whole-file hashes, then create links and special files and set metadata."""
+        cursor = self._cursor()
         try:
-            self._verify_files(self._data_files)
-            self._make_special(self._links)
-            self._set_metadata()
+            self._verify_files(cursor, self._data_files)
+            self._make_special(cursor)
+            self._set_metadata(cursor)
         finally:
-            with self._lock:
-                self._close_dir_fds()
+            cursor.close()
+            self.close()
         return self.result
 
-    def _prepare_target(self) -> None:
-        os.makedirs(self.target, exist_ok=True)
-        if os.listdir(self.target) and not self.overwrite:
-            raise VaultflowError(f"{os.fsdecode(self.target)} is not empty; restore into an empty folder or pass "
-                                 "--overwrite to replace files that exist there")
+    def _cursor(self, adopt: bool = False) -> Cursor:
+        return Cursor(self._root, self._ids, self._failed_dirs, adopt)
 
-    def _validate(self) -> set[bytes]:
-        """Refuse hostile rows (recorded as failed); returns the symlink paths."""
-        links = {raw for raw, row in zip(self.raws, self.rows, strict=True) if row["type"] == "symlink"}
+    def close(self) -> None:
+        """Close the target's fd (finish does); the restore cannot continue afterwards."""
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+    def restored_mode(self, mode: int) -> int:
+        """The permission bits restore sets for a manifest mode."""
+        return stat.S_IMODE(mode) if self.keep_setid else stat.S_IMODE(mode) & ~_SETID
+
+    def _validate(self) -> None:
+        """Refuse hostile rows (recorded as failed): escapes, paths below a non-directory, duplicated paths."""
+        not_dirs = {raw: row["type"] for raw, row in zip(self.raws, self.rows, strict=True) if row["type"] != "dir"}
+        counts = Counter(self.raws)
         self._bad: set[int] = set()
         for i, raw in enumerate(self.raws):
             try:
+                if counts[raw] > 1:  # e.g. a file and a symlink at one path: one would be written through the other
+                    raise HostilePath(f"{self._show(i)!r}: appears {counts[raw]} times in the manifest; refused")
                 parts = check_path(raw)
                 for n in range(1, len(parts)):
-                    if b"/".join(parts[:n]) in links:
-                        raise HostilePath(f"{self._show(i)!r}: passes through the symlink "
-                                          f"{b'/'.join(parts[:n]).decode(errors='backslashreplace')!r}; refused")
+                    above = b"/".join(parts[:n])
+                    if above in not_dirs:
+                        raise HostilePath(f"{self._show(i)!r}: passes through the {not_dirs[above]} "
+                                          f"{above.decode(errors='backslashreplace')!r}; refused")
             except HostilePath as e:
                 self._bad.add(i)
                 self.result.failed[self._show(i)] = str(e)
-        return links
 
     def _order(self, kind: str) -> list[int]:
         return [i for i, row in enumerate(self.rows) if row["type"] == kind and i not in self._bad]
@@ -162,84 +208,90 @@ class Restorer:
 
     # -- creating entries ----------------------------------------------------------------------------------
 
-    def _parent_fd(self, raw: bytes) -> tuple[int, bytes]:
-        """An fd of the entry's parent directory (the caller closes it), opened component by component without
-        following links; the parent's own fd is cached, since siblings come together."""
-        parent, _, name = raw.rpartition(b"/")
-        with self._lock:
-            cached = self._dir_fds.get(parent)
-            if cached is not None:
-                return os.dup(cached), name
-        fd = os.open(self.target, _DIR_FLAGS)
+    def _mkdir(self, cursor: Cursor, i: int) -> None:
+        raw = self.raws[i]
         try:
-            for part in parent.split(b"/") if parent else []:
-                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nxt
-        except OSError:
-            os.close(fd)
-            raise
-        with self._lock:
-            if len(self._dir_fds) >= _DIR_FD_CACHE:
-                self._close_dir_fds()
-            self._dir_fds[parent] = os.dup(fd)
-        return fd, name
-
-    def _close_dir_fds(self) -> None:
-        for fd in self._dir_fds.values():
-            os.close(fd)
-        self._dir_fds.clear()
-
-    def _mkdir(self, i: int) -> None:
-        try:
-            fd, name = self._parent_fd(self.raws[i])
+            parent, name = cursor.parent(raw)
+            made = True
             try:
-                os.mkdir(name, 0o700, dir_fd=fd)
+                os.mkdir(name, 0o700, dir_fd=parent)
             except FileExistsError:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if not stat.S_ISDIR(st.st_mode):
-                    raise VaultflowError("exists and is not a directory") from None
-            finally:
+                if not self.overwrite:  # the target was empty: someone else put it there
+                    raise ChangedInTarget(raw, "appeared before restore created it") from None
+                made = False
+            try:
+                fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+            except OSError as e:
+                if made:
+                    raise ChangedInTarget(raw, e.strerror) from None
+                raise VaultflowError("exists and is not a directory") from None
+            st = os.fstat(fd)
+            if made and st.st_uid != self._euid:  # not the directory mkdir just made
                 os.close(fd)
+                raise ChangedInTarget(raw)
+            self._ids[raw] = ident(st)
+            cursor.add(raw, fd)
             self.result.dirs += 1
+        except (ChangedInTarget, DirectoryNotRestored) as e:
+            self._failed_dirs.add(raw)
+            self._fail(i, str(e))
         except (OSError, VaultflowError) as e:
+            self._failed_dirs.add(raw)
             self._fail(i, f"directory not created: {getattr(e, 'strerror', None) or e}")
 
-    def _hardlink_groups(self) -> tuple[list[int], dict[int, int]]:
-        """(rows whose data is written, {later hard link row: first row of its inode})."""
+    def _hardlink_groups(self) -> list[int]:
+        """Rows whose data is written; sets {later hard link row: first row of its inode}."""
         first: dict[tuple[int, int], int] = {}
         data, alias = [], {}
         for i in self._order("file"):
             row = self.rows[i]
-            ident = (row["dev"], row["inode"])
-            if row["nlink"] > 1 and ident in first and self.rows[first[ident]]["content_hash"] == row["content_hash"]:
-                alias[i] = first[ident]
+            inode = (row["dev"], row["inode"])
+            if row["nlink"] > 1 and inode in first and self.rows[first[inode]]["content_hash"] == row["content_hash"]:
+                alias[i] = first[inode]
             else:
-                first.setdefault(ident, i)
+                first.setdefault(inode, i)
                 data.append(i)
         self._alias = alias
-        return data, alias
+        return data
 
-    def _create_files(self) -> list[int]:
-        data, _ = self._hardlink_groups()
+    def _create_files(self, cursor: Cursor) -> list[int]:
         created = []
-        for i in data:
+        for i in self._hardlink_groups():
             row = self.rows[i]
             if row["chunks"] is None:
                 self._fail(i, f"not restored: the backup could not read it ({row['error']})")
                 continue
 
-            def create(name: bytes, fd: int, size: int = row["size"]) -> None:
-                f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                            dir_fd=fd)
+            def create(parent: int, name: bytes, size: int = row["size"]) -> Ident:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=parent)
                 try:
-                    os.ftruncate(f, size)
+                    if size:
+                        os.ftruncate(fd, size)
+                    return ident(os.fstat(fd))
                 finally:
-                    os.close(f)
+                    os.close(fd)
 
-            if self._at(i, create):
+            if self._at(cursor, i, create):
                 created.append(i)
         return created
+
+    def _at(self, cursor: Cursor, i: int, make: Callable[[int, bytes], Ident]) -> bool:
+        """Create row i's entry with `make(parent fd, name)` (after removing what is there, with overwrite)."""
+        raw = self.raws[i]
+        try:
+            parent, name = cursor.parent(raw)
+            if self.overwrite:
+                try:
+                    os.unlink(name, dir_fd=parent)
+                except (FileNotFoundError, IsADirectoryError):
+                    pass
+            self._ids[raw] = make(parent, name)
+            return True
+        except VaultflowError as e:  # ChangedInTarget, DirectoryNotRestored
+            self._fail(i, str(e))
+        except OSError as e:
+            self._fail(i, f"not created: {e.strerror}")
+        return False
 
     # -- data ----------------------------------------------------------------------------------------------
 
@@ -258,7 +310,8 @@ class Restorer:
                 offset += entry.raw_length
         return dict(by_pack)
 
-    def _restore_pack(self, pack: str, blobs: dict[bytes, tuple[PackEntry, list[tuple[int, int]]]]) -> int:
+    def _restore_pack(self, cursor: Cursor, pack: str,
+                      blobs: dict[bytes, tuple[PackEntry, list[tuple[int, int]]]]) -> int:
         written = 0
         targets = [t for _, ts in blobs.values() for t in ts]
         try:
@@ -279,11 +332,14 @@ class Restorer:
                 if self._show(i) in self.result.failed:
                     continue
                 try:
-                    fd = os.open(os.path.join(self.target, self.raws[i]), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    fd, _ = cursor.open_file(self.raws[i], os.O_WRONLY)
                     try:
-                        os.pwrite(fd, data, offset)
+                        if os.pwrite(fd, data, offset) != len(data):
+                            raise OSError(errno.EIO, "short write")
                     finally:
                         os.close(fd)
+                except VaultflowError as e:  # ChangedInTarget, DirectoryNotRestored
+                    self._fail(i, str(e))
                 except OSError as e:
                     self._fail(i, f"write failed: {e.strerror}")
             self.progress(len(data) * len(places))
@@ -302,39 +358,58 @@ class Restorer:
         return PackReader(self.repo.master.blob_key, parts[0], pack), {
             e.id: p for e, p in zip(entries, parts[1:], strict=True)}
 
-    def _verify_files(self, files: list[int]) -> None:
+    def _verify_files(self, cursor: Cursor, files: list[int]) -> None:
+        """Hash each file through the fd of the inode restore created, and set its metadata through that fd."""
         key = self.repo.master.file_hash_key
         for i in files:
             if self._show(i) in self.result.failed:
                 continue
-            h = blake3.blake3(key=key)
-            with open(os.path.join(self.target, self.raws[i]), "rb", buffering=0) as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
             row = self.rows[i]
-            if h.digest() != row["content_hash"]:
-                self._fail(i, "restored content does not match the file's hash in the manifest")
-            else:
-                self.result.files += 1
-                self.result.bytes += row["size"]
-                if row["status"] == "error":
-                    self.result.skipped[self._show(i)] = f"restored as backed up, but: {row['error']}"
+            try:
+                fd, st = cursor.open_file(self.raws[i], os.O_RDONLY)
+                try:
+                    h = blake3.blake3(key=key)
+                    left = row["size"] if st.st_size == row["size"] else 0
+                    while left and (block := os.read(fd, min(left, 1 << 20))):
+                        h.update(block)
+                        left -= len(block)
+                    if st.st_size != row["size"] or left or h.digest() != row["content_hash"]:
+                        self._fail(i, "restored content does not match the file's hash in the manifest")
+                        continue
+                    self._apply(fd, row)
+                finally:
+                    os.close(fd)
+            except VaultflowError as e:  # ChangedInTarget, DirectoryNotRestored
+                self._fail(i, str(e))
+                continue
+            except OSError as e:
+                self._fail(i, f"not verified: {e.strerror}")
+                continue
+            self.result.files += 1
+            self.result.bytes += row["size"]
+            if row["status"] == "error":
+                self.result.skipped[self._show(i)] = f"restored as backed up, but: {row['error']}"
 
     # -- links, special files, metadata --------------------------------------------------------------------
 
-    def _make_special(self, links: set[bytes]) -> None:
+    def _make_special(self, cursor: Cursor) -> None:
         for i, first in self._alias.items():
             if self._show(first) in self.result.failed:
                 self._fail(i, f"hard link target {self._show(first)!r} failed")
                 continue
-            existing = os.path.join(self.target, self.raws[first])
 
-            def hardlink(name: bytes, fd: int, existing: bytes = existing) -> None:
-                os.link(existing, name, dst_dir_fd=fd, follow_symlinks=False)
+            def hardlink(parent: int, name: bytes, first: int = first) -> Ident:
+                head, _, existing = self.raws[first].rpartition(b"/")
+                os.link(existing, name, src_dir_fd=cursor.dir(head), dst_dir_fd=parent, follow_symlinks=False)
+                made = ident(os.stat(name, dir_fd=parent, follow_symlinks=False))
+                if made != self._ids[self.raws[first]]:  # the source was swapped: take the link back
+                    os.unlink(name, dir_fd=parent)
+                    raise ChangedInTarget(self.raws[first])
+                return made
 
-            self._at(i, hardlink)
+            self._at(cursor, i, hardlink)
         for i in self._order("fifo"):
-            self._at(i, _mkfifo)
+            self._at(cursor, i, self._made(i, stat.S_ISFIFO, _mkfifo))
         for kind in _NOT_CREATED:
             for i in self._order(kind):
                 self.result.skipped[self._show(i)] = f"{kind} entries are recorded, not restored"
@@ -344,53 +419,61 @@ class Restorer:
                 self._fail(i, "symlink target was not recorded")
                 continue
 
-            def symlink(name: bytes, fd: int, target: bytes = target) -> None:
-                os.symlink(target, name, dir_fd=fd)
+            def symlink(parent: int, name: bytes, target: bytes = target) -> None:
+                os.symlink(target, name, dir_fd=parent)
 
-            if self._at(i, symlink):
+            if self._at(cursor, i, self._made(i, stat.S_ISLNK, symlink)):
                 self.result.links += 1
 
-    def _at(self, i: int, make: Callable[[bytes, int], None]) -> bool:
-        try:
-            fd, name = self._parent_fd(self.raws[i])
-            try:
-                if self.overwrite:
-                    try:
-                        os.unlink(name, dir_fd=fd)
-                    except (FileNotFoundError, IsADirectoryError):
-                        pass
-                make(name, fd)
-            finally:
-                os.close(fd)
-            return True
-        except OSError as e:
-            self._fail(i, f"not created: {e.strerror}")
-            return False
+    def _made(self, i: int, is_kind: Callable[[int], bool], create: Callable[[int, bytes], None]
+              ) -> Callable[[int, bytes], Ident]:
+        """`create` plus the identity of what it made, which must be ours (nothing returns an fd here)."""
+        def make(parent: int, name: bytes) -> Ident:
+            create(parent, name)
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if not is_kind(st.st_mode) or st.st_uid != self._euid or st.st_nlink != 1:
+                raise ChangedInTarget(self.raws[i])
+            return ident(st)
+        return make
 
-    def _set_metadata(self) -> None:
-        as_root = os.geteuid() == 0
-        order = sorted((i for i in range(len(self.rows)) if i not in self._bad),
-                       key=lambda i: -self.raws[i].count(b"/"))  # children before their directories
+    def _set_metadata(self, cursor: Cursor) -> None:
+        """Directories, fifos and symlinks (files got theirs when verified), children before their directories."""
+        order = sorted((i for i in range(len(self.rows)) if i not in self._bad
+                        and self.rows[i]["type"] in ("dir", "fifo", "symlink")),
+                       key=lambda i: -self.raws[i].count(b"/"))
         for i in order:
-            row = self.rows[i]
-            if self._show(i) in self.result.failed or row["type"] in _NOT_CREATED:
+            row, raw = self.rows[i], self.raws[i]
+            if self._show(i) in self.result.failed:
                 continue
             try:
-                fd, name = self._parent_fd(self.raws[i])
-            except OSError:
-                continue
-            try:
-                link = row["type"] == "symlink"
-                if as_root:
-                    os.chown(name, row["uid"], row["gid"], dir_fd=fd, follow_symlinks=False)
-                if not link:
-                    os.chmod(name, stat.S_IMODE(row["mode"]), dir_fd=fd)
-                os.utime(name, ns=(row["mtime_ns"], row["mtime_ns"]), dir_fd=fd, follow_symlinks=False)
+                if row["type"] == "dir":
+                    cursor.trim()
+                    self._apply(cursor.dir(raw), row)
+                elif row["type"] == "fifo":
+                    fd, _ = cursor.open_file(self.raws[i], os.O_RDONLY)
+                    try:
+                        self._apply(fd, row)
+                    finally:
+                        os.close(fd)
+                else:  # a symlink has no fd to work through; never chmod'ed, and its name is checked first
+                    parent, name = cursor.parent(raw)
+                    if ident(os.stat(name, dir_fd=parent, follow_symlinks=False)) != self._ids.get(raw):
+                        raise ChangedInTarget(raw)
+                    if self._euid == 0:
+                        os.chown(name, row["uid"], row["gid"], dir_fd=parent, follow_symlinks=False)
+                    os.utime(name, ns=(row["mtime_ns"], row["mtime_ns"]), dir_fd=parent, follow_symlinks=False)
+            except VaultflowError as e:  # ChangedInTarget, DirectoryNotRestored
+                self._fail(i, str(e))
             except OSError as e:
                 self._fail(i, f"metadata not restored: {e.strerror}")
-            finally:
-                os.close(fd)
+
+    def _apply(self, fd: int, row: dict[str, Any]) -> None:
+        """Owner (as root), mode and times of the inode behind `fd`; chown first, since it clears set-ID bits."""
+        if self._euid == 0:
+            os.fchown(fd, row["uid"], row["gid"])
+        os.fchmod(fd, self.restored_mode(row["mode"]))
+        os.utime(fd, ns=(row["mtime_ns"], row["mtime_ns"]))
 
 
-def _mkfifo(name: bytes, fd: int) -> None:
-    os.mkfifo(name, 0o600, dir_fd=fd)
+def _mkfifo(parent: int, name: bytes) -> None:
+    os.mkfifo(name, 0o600, dir_fd=parent)
