@@ -1,6 +1,7 @@
-"""The check flow: structure → read packs (mapped batches) → what the damage affects → report.
+"""The check flow: structure → read packs (mapped batches) → head witnesses → what the damage affects → report.
 
-A problem fails the run, so Prefect's failure notifications fire.
+It holds a shared repository lock throughout (prune, exclusive, waits); a problem fails the run, so Prefect's
+failure notifications fire.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.tasks import context
 from vaultflow.tasks.backup import open_repository
-from vaultflow.tasks.check import check_affected, check_packs, check_structure
+from vaultflow.tasks.check import check_affected, check_packs, check_structure, check_witnesses
 from vaultflow.tasks.runner import thread_runner
 
 
@@ -31,19 +32,24 @@ def check(read_data: bool = False, read_data_subset: str | None = None, reposito
     """Verify the repository's structure and, with read_data or a subset (`N%`, `K/N`), its bytes."""
     run = open_repository(repository, password_secret)
     try:
-        structure = check_structure(run, read_data, read_data_subset)
-        [f.result() for f in check_packs.map(unmapped(run), structure.pack_batches)]
-        report = check_affected(run)
+        with context.get(run).repo.lock(purpose="check"):
+            structure = check_structure(run, read_data, read_data_subset)
+            [f.result() for f in check_packs.map(unmapped(run), structure.pack_batches)]
+            witnesses = check_witnesses(run)
+            report = check_affected(run)
     finally:
         context.close(run)
+    report["witnesses"] = witnesses.consulted
     rows = [{"kind": p["kind"], "object": p["object"], "problem": p["message"],
              "snapshots": ", ".join(s[:12] for s in p["snapshots"]), "files": ", ".join(p["files"][:10])}
             for p in report["problems"]]
     summary = (f"{report['snapshots']} snapshots, {report['index_files']} index files, {report['packs']} packs, "
                f"{report['chunks']} chunks; {report['packs_read']} packs read ({report['bytes_read']:,} bytes)")
+    consulted = "Head witnesses consulted: " + "; ".join(witnesses.consulted)
     create_markdown_artifact(key="check-report", markdown=f"# Check: {'OK' if report['ok'] else 'PROBLEMS'}\n\n"
-                             f"{summary}\n\n" + "\n".join(f"* **{r['object']}**: {r['problem']}" for r in rows))
+                             f"{summary}\n\n{consulted}\n\n"
+                             + "\n".join(f"* **{r['object']}**: {r['problem']}" for r in rows))
     if rows:
-        create_table_artifact(key="check-problems", table=rows, description=summary)
+        create_table_artifact(key="check-problems", table=rows, description=f"{summary}. {consulted}")
         raise CheckFailed(report)
     return report

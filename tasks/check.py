@@ -1,4 +1,5 @@
-"""Prefect tasks of `check`: structure once, data over batches of packs, then what the damage affects.
+"""Prefect tasks of `check`: structure once, data over batches of packs, head witnesses, then what the damage
+affects.
 
 The Checker (with the index it rebuilt from storage) lives in tasks.context between tasks.
 """
@@ -11,7 +12,7 @@ from pydantic import BaseModel
 
 from vaultflow.storage.checker import Checker
 
-from . import context
+from . import context, witness
 
 TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -37,6 +38,22 @@ def check_packs(run: str, packs: list[str]) -> int:
     checker = context.get(run).checker
     assert checker is not None
     return len(checker.read_packs(packs))
+
+
+class WitnessResult(BaseModel):
+    problems: int
+    consulted: list[str]  # which witnesses were asked, for the report
+
+
+@task(**TASK)
+def check_witnesses(run: str) -> WitnessResult:
+    """Compare each source's head with the witnesses outside the repository (rollbacks and forks)."""
+    state = context.get(run)
+    checker = state.checker
+    assert checker is not None
+    found = witness.consult(state.repo.config.id, checker.records)
+    checker.report.problems.extend(found.problems)
+    return WitnessResult(problems=len(found.problems), consulted=found.witnesses)
 
 
 @task(**TASK)
