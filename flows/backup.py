@@ -17,7 +17,7 @@ from vaultflow.storage.snapshot import utc_now
 from vaultflow.tasks import context, progress
 from vaultflow.tasks.backup import (
     commit_snapshot,
-    find_parent,
+    find_lineage,
     open_repository,
     plan_changes,
     process_batch,
@@ -28,6 +28,7 @@ from vaultflow.tasks.report import BackupSummary, report
 from vaultflow.tasks.runner import thread_runner
 from vaultflow.tasks.sources.filesystem import discover, source_root
 from vaultflow.tasks.sources.fsspec_tree import is_url
+from vaultflow.tasks.witness import publish_commit
 
 
 class ErrorBudgetExceeded(VaultflowError):
@@ -44,34 +45,39 @@ def default_source_name(paths: list[str]) -> str:
 @flow(name="backup", task_runner=thread_runner())
 def backup(paths: list[str], source: str | None = None, repository: str | None = None, full: bool = False,
            excludes: list[str] | None = None, error_budget: int = 100, verify_sample: int = 8,
-           password_secret: str | None = None) -> BackupSummary:
+           password_secret: str | None = None, lock_wait: float = 0.0) -> BackupSummary:
     """Back up the trees and files at `paths` as a new snapshot of `source` (default: named after the paths).
 
     One directory is stored relative to itself; several paths relative to their common folder, so a restore
-    recreates them side by side."""
-    t0, started = time.monotonic(), utc_now()
+    recreates them side by side. Another backup of the same source holding the lock is waited for up to
+    `lock_wait` seconds, then the run fails clearly: two backups of one source never interleave."""
+    t0 = time.monotonic()
     paths = [p if is_url(p) else os.path.abspath(p) for p in paths]
     source = check_source_name(source or default_source_name(paths))
     run = open_repository(repository, password_secret)
     state = context.get(run)
     try:
-        with state.repo.lock(purpose=f"backup of {source}", scope=f"source:{source}"):
-            parent = find_parent(run, source)
+        with state.repo.lock(purpose=f"backup of {source}", scope=f"source:{source}").acquire(lock_wait) \
+                as state.lock:
+            started = utc_now()  # after the lock: a backup that waited behind another is not a rollback
+            lineage = find_lineage(run, source)
+            parent = lineage.parent
             listing = discover(run, paths, excludes or [])
-            plan = plan_changes(run, listing.listing, parent, full)
             state.session = state.repo.write_session()
-            adopted = state.session.adopt_orphan_packs()
+            adopted = state.session.adopt_orphan_packs()  # and forgets lost packs, before the plan trusts them
+            plan = plan_changes(run, listing.listing, parent, full)
             progress.start(run, plan.bytes_to_read, plan.files_to_read)
             batches = process_batch.map(unmapped(run), unmapped(listing.root), [b[0] for b in plan.batches],
                                         [b[1] for b in plan.batches])
             read = [b.result() for b in batches]
-            serial = parent.serial + 1 if parent else 1
+            serial = lineage.serial
             written = write_manifest(run, source, serial, listing.errors)
             s = state.session.stats
             stats = {**written.stats, "bytes_read": sum(b["bytes_read"] for b in read),
                      "bytes_added": s.bytes_new_raw, "bytes_stored": s.bytes_new_stored,
                      "packs_uploaded": s.packs_uploaded, "packs_adopted": adopted}
-            snapshot = commit_snapshot(run, source, serial, parent, started, paths, written, stats)
+            snapshot = commit_snapshot(run, source, serial, parent, started, utc_now(), paths, written, stats)
+            publish_commit(run, source, serial, snapshot)
             verified = verify_snapshot(run, snapshot, verify_sample)
     finally:
         progress.finish(run)

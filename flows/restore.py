@@ -29,11 +29,13 @@ def restore(snapshot: str, target: str, includes: list[str] | None = None, overw
     t0 = time.monotonic()
     run = open_repository(repository, password_secret)
     try:
-        plan = plan_restore(run, snapshot, target, includes or [], overwrite)
-        progress.start(run, plan.bytes, plan.entries, key="restore-progress", description="bytes written")
-        written = restore_packs.map(unmapped(run), plan.pack_batches)
-        [w.result() for w in written]
-        summary = finish_restore(run, plan.snapshot, os.path.abspath(target), time.monotonic() - t0)
+        # A shared lock: `repair index` and prune (exclusive) wait until the restore has read what it needs.
+        with context.get(run).repo.lock(purpose=f"restore of {snapshot}"):
+            plan = plan_restore(run, snapshot, target, includes or [], overwrite)
+            progress.start(run, plan.bytes, plan.entries, key="restore-progress", description="bytes written")
+            written = restore_packs.map(unmapped(run), plan.pack_batches)
+            [w.result() for w in written]
+            summary = finish_restore(run, plan.snapshot, os.path.abspath(target), time.monotonic() - t0)
     finally:
         progress.finish(run)
         context.close(run)

@@ -46,12 +46,18 @@ class WriteSession:
         self._queue: queue.Queue[PackWriter | None] = queue.Queue(maxsize=2)
         self._uploader: threading.Thread | None = None
         self._failed: list[tuple[PackWriter, BaseException]] = []
+        self.missing_packs: list[str] = []  # packs the index names but storage no longer has
 
     def adopt_orphan_packs(self) -> int:
-        """Index packs left by an interrupted run (in storage, in no index file) instead of re-uploading."""
+        """One listing of data/ at session start. Packs left by an interrupted run (in storage, in no index file)
+        are indexed from their trailers instead of being uploaded again; packs the index names but storage has
+        lost are forgotten (`missing_packs`), so their chunks count as absent and this backup stores them again
+        rather than committing references to lost data."""
+        listed = dict(self.repo.backend.list("data"))
+        self.missing_packs = self.repo.forget_lost_packs(set(listed))
         known = self.repo.index.pack_set()
         adopted = 0
-        for name, size in self.repo.backend.list("data"):
+        for name, size in listed.items():
             if name in known:
                 continue
             try:

@@ -9,6 +9,7 @@ import os
 import random
 import socket
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import get_run_logger, task
@@ -17,12 +18,12 @@ from pydantic import BaseModel
 
 from vaultflow import __version__
 from vaultflow.storage import archiver, manifest
-from vaultflow.storage.errors import ObjectMissing, VaultflowError
+from vaultflow.storage.errors import ObjectExists, ObjectMissing, VaultflowError
 from vaultflow.storage.index import Index
 from vaultflow.storage.repository import Repository
-from vaultflow.storage.snapshot import SnapshotRecord, parse_utc, utc_now
+from vaultflow.storage.snapshot import SnapshotRecord, parse_utc
 
-from . import context, progress, settings
+from . import context, progress, settings, witness
 from .retry import RETRY
 from .sources.fsspec_tree import FsspecTree, is_url
 
@@ -56,21 +57,41 @@ class Manifest(BaseModel):
 def open_repository(repository: str | None, password_secret: str | None) -> str:
     """Open the repository once for the run; tasks find it again by the returned key."""
     s = settings.resolve(repository, None, password_secret)
-    repo = Repository.open(s.url, s.password(), storage_options=s.storage_options)
-    get_run_logger().info("opened repository %s at %s", repo.config.id, repo.url)
+    repo = context.take_preopened(s.url) or Repository.open(s.url, s.password(), storage_options=s.storage_options)
+    get_run_logger().info("opened repository %s at %s", repo.config.id, settings.redact(repo.url))
     return context.register(repo)
 
 
+class Lineage(BaseModel):
+    parent: Parent | None  # the latest good snapshot of the source: change detection and the chain's link
+    serial: int  # the new snapshot's serial: above every record of the source, damaged ones included
+
+
 @task(**TASK)
-def find_parent(run: str, source: str) -> Parent | None:
-    """The latest snapshot of `source` by serial, whose manifest change detection compares against."""
+def find_lineage(run: str, source: str) -> Lineage:
+    """The latest snapshot of `source` by serial (change detection compares against its manifest) and the
+    serial the new snapshot takes, never one a damaged record of the source already claims."""
     repo = context.get(run).repo
-    latest = repo.latest(source)
+    records = repo.snapshots()
+    latest = repo.latest(source, records)
+    serial = repo.next_serial(source, records)
+    try:
+        head = witness.local_witness(repo.config.id).load().sources.get(source)
+    except VaultflowError:
+        head = None  # a damaged witness file is check's to report
+    if head is not None and head.serial >= serial:
+        get_run_logger().warning(
+            "source %s: this machine's witness saw serial %s (record %s), but the repository's newest is %s: it "
+            "was rolled back; this snapshot takes serial %s so that it forks nothing; run `vaultflow check`",
+            source, head.serial, head.id[:12], serial - 1, head.serial + 1)
+        serial = head.serial + 1
     if latest is None:
-        return None
+        return Lineage(parent=None, serial=serial)
     rid, rec = latest
     started = parse_utc(rec.started)
-    return Parent(id=rid, serial=rec.serial, started_ns=int(started.timestamp()) * 10**9 + started.microsecond * 1000)
+    return Lineage(parent=Parent(id=rid, serial=rec.serial,
+                                 started_ns=int(started.timestamp()) * 10**9 + started.microsecond * 1000),
+                   serial=serial)
 
 
 @task(**TASK)
@@ -81,6 +102,7 @@ def plan_changes(run: str, listing_path: str, parent: Parent | None, full: bool,
     listing = context.read_ipc(listing_path)
     parent_files = state.repo.files_table(state.repo.snapshot(parent.id)) if parent else None
     plan = archiver.plan_changes(listing, parent_files, parent.started_ns if parent else 0, full)
+    plan = _reread_lost(plan, state.repo.index)
     to_read = plan.filter(plan["read"])
     context.write_ipc(plan, state.scratch / "plan.arrow")
     context.write_ipc(to_read, state.scratch / "read.arrow")
@@ -91,6 +113,23 @@ def plan_changes(run: str, listing_path: str, parent: Parent | None, full: bool,
                 bytes_to_read=sum(sizes), entries=plan.num_rows)
 
 
+def _reread_lost(plan: pa.Table, index: Index) -> pa.Table:
+    """Unchanged files with a chunk the index no longer has (its pack was lost from storage, see
+    Repository.forget_lost_packs) are read again: the new snapshot must not copy references to lost data."""
+    kept = pc.invert(plan["read"])
+    chunks = pc.if_else(kept, plan["chunks"], pa.nulls(plan.num_rows, plan["chunks"].type))
+    flat = pc.list_flatten(chunks)
+    if not len(flat):
+        return plan
+    present = np.array(index.contains_many(flat.to_pylist()), bool)
+    if present.all():
+        return plan
+    rows = np.unique(np.asarray(pc.list_parent_indices(chunks))[~present])
+    reread = np.zeros(plan.num_rows, bool)
+    reread[rows] = True
+    return plan.set_column(plan.column_names.index("read"), "read", pc.or_(plan["read"], pa.array(reread)))
+
+
 @task(**RETRY, **TASK)
 def process_batch(run: str, root: str, start: int, end: int) -> dict[str, int]:
     """Read, chunk, hash, compress, encrypt and pack one batch of files; results go to scratch."""
@@ -98,7 +137,8 @@ def process_batch(run: str, root: str, start: int, end: int) -> dict[str, int]:
     assert state.session is not None
     read = context.read_ipc(state.scratch / "read.arrow").slice(start, end - start)
     remote = FsspecTree(root, settings.source_storage_options()) if is_url(root) else None
-    results, stats = archiver.archive_files(state.repo, state.session, root, read["key"].to_pylist(), remote)
+    idents = None if remote else list(zip(read["dev"].to_pylist(), read["inode"].to_pylist(), strict=True))
+    results, stats = archiver.archive_files(state.repo, state.session, root, read["key"].to_pylist(), remote, idents)
     context.write_ipc(results, state.scratch / f"result-{start:012d}.arrow")
     progress.advance(run, stats.bytes_read, stats.files)
     if stats.errors:
@@ -130,15 +170,19 @@ def write_manifest(run: str, source: str, serial: int, discover_errors: list[tup
     _verify_indexed(repo, chunks.to_pylist())
 
     objects: dict[str, str] = {}
-    name = manifest.files_name(source, serial, repo.config.private_manifests)
     data = manifest.to_parquet(files)
-    if repo.config.private_manifests:
-        data = manifest.seal_manifest(repo.master.manifest_key, os.urandom(32), data, name)
-    objects[name] = _write_fresh(repo, name, data)
+    if repo.config.private_manifests:  # named by a fresh salt: a name must not confirm a guessed manifest
+        salt = os.urandom(32)
+        name = manifest.content_named(manifest.files_name(source, serial, True), salt)
+        data = manifest.seal_manifest(repo.master.manifest_key, salt, data, name)
+    else:
+        name = manifest.content_named(manifest.files_name(source, serial), data)
+    objects[name] = repo.write_object(name, data)
     errors = manifest.errors_table(files, [(bytes.fromhex(h), m) for h, m in discover_errors])
     if errors.num_rows and not repo.config.private_manifests:
-        ename = manifest.errors_name(source, serial)
-        objects[ename] = _write_fresh(repo, ename, manifest.to_parquet(errors))
+        edata = manifest.to_parquet(errors)
+        ename = manifest.content_named(manifest.errors_name(source, serial), edata)
+        objects[ename] = repo.write_object(ename, edata)
     is_file = pc.equal(files["type"], "file")
     status = files.filter(is_file)["status"].value_counts().to_pylist()
     counts = {f"files_{k}": 0 for k in ("new", "changed", "unchanged", "error")}
@@ -160,36 +204,44 @@ def _verify_indexed(repo: Repository, chunk_ids: list[bytes]) -> None:
                             f"(first: {missing[0].hex()}); the snapshot was not committed")
 
 
-def _write_fresh(repo: Repository, name: str, data: bytes) -> str:
-    # An object at this name was left by a run that crashed before its commit: no record refers to it,
-    # and this run holds the source's lock, so it is garbage to replace.
-    if repo.backend.exists(name):
-        repo.backend.delete(name)
-    return repo.write_object(name, data)
-
-
 @task(**RETRY, **TASK)
-def commit_snapshot(run: str, source: str, serial: int, parent: Parent | None, started: str, paths: list[str],
-                    written: Manifest, stats: dict[str, int]) -> str:
-    """Write the snapshot record: the commit point. Returns the snapshot id."""
-    repo = context.get(run).repo
-    record = SnapshotRecord(source=source, serial=serial, started=started, finished=utc_now(),
+def commit_snapshot(run: str, source: str, serial: int, parent: Parent | None, started: str, finished: str,
+                    paths: list[str], written: Manifest, stats: dict[str, int]) -> str:
+    """Write the snapshot record: the commit point. Returns the snapshot id.
+
+    Idempotent: the record's content is fixed by the parameters (the flow takes `finished` before calling), so
+    a retry after an attempt that wrote the record and then failed writes the same object and succeeds,
+    instead of forking the chain with a second record of the same serial. The source lock is proven held
+    immediately before the write (a fencing check): a holder that lost it commits nothing.
+    """
+    state = context.get(run)
+    repo = state.repo
+    record = SnapshotRecord(source=source, serial=serial, started=started, finished=finished,
                             host=socket.gethostname(), parent=parent.id if parent else None,
                             previous=parent.id if parent else None, manifests=written.objects,
                             index_files=written.index_files, stats=stats, paths=paths,
                             vaultflow_version=__version__)
+    if state.lock is not None:
+        state.lock.verify()
     rid = repo.commit(record)
     if not repo.config.private_manifests:
-        row = {"id": rid, "source": source, "serial": serial, "host": record.host, "started": started,
-               "finished": record.finished, "parent": record.parent, "vaultflow_version": __version__,
-               **{k: v for k, v in stats.items() if k in manifest.SNAPSHOTS_SCHEMA.names}}
-        table = manifest.table_from_rows([{**row, "started": parse_utc(started),
-                                           "finished": parse_utc(record.finished)}], manifest.SNAPSHOTS_SCHEMA)
         try:  # derived data for analysts; the record above is the truth
-            _write_fresh(repo, manifest.snapshots_name(source, serial), manifest.to_parquet(table))
+            _write_snapshot_row(repo, rid, record)
         except (OSError, VaultflowError) as e:
             get_run_logger().warning("snapshot %s committed, but its row in tables/snapshots failed: %s", rid, e)
     return rid
+
+
+def _write_snapshot_row(repo: Repository, rid: str, record: SnapshotRecord) -> None:
+    """One row of tables/snapshots, written once: an existing row must be this very one (a retried commit)."""
+    data = manifest.to_parquet(manifest.snapshot_row(rid, record))
+    name = manifest.snapshots_name(record.source, record.serial)
+    try:
+        repo.backend.write(name, data)
+    except ObjectExists:
+        if repo.backend.read(name) != data:
+            raise ObjectExists(f"{name} already holds another snapshot's row (two records of serial "
+                               f"{record.serial}?); run `vaultflow check`") from None
 
 
 @task(**TASK)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from vaultflow.storage.checker import Checker
+from vaultflow.storage.lock import Lock
 from vaultflow.storage.repository import Repository
 from vaultflow.storage.restorer import Restorer
 from vaultflow.storage.upload import WriteSession
@@ -27,10 +28,23 @@ class RunState:
     session: WriteSession | None = None
     restorer: Restorer | None = None
     checker: Checker | None = None
+    lock: Lock | None = None  # the lock the run holds, proven before its commit
 
 
 _runs: dict[str, RunState] = {}
 _lock = threading.Lock()
+_preopened: dict[str, Repository] = {}  # opened by the CLI to refuse typos before a flow run exists
+
+
+def preopen(repo: Repository) -> None:
+    """Hand a repository the CLI already opened (password checked) to the next run on its URL."""
+    with _lock:
+        _preopened[repo.url] = repo
+
+
+def take_preopened(url: str) -> Repository | None:
+    with _lock:
+        return _preopened.pop(url, None)
 
 
 def register(repo: Repository, scratch_root: str | None = None) -> str:

@@ -53,6 +53,10 @@ def plan_restore(run: str, snapshot: str, target: str, includes: list[str], over
                  packs_per_batch: int = 8) -> RestorePlan:
     state = context.get(run)
     rid, record = state.repo.find_snapshot(snapshot)
+    lost = state.repo.forget_lost_packs()  # read surviving copies of their chunks; the rest fail by name
+    if lost:
+        get_run_logger().warning("%s packs named by the index are missing from storage (first: %s)", len(lost),
+                                 lost[0])
     table = select(state.repo.files_table(record), includes)
     restorer = state.restorer = Restorer(state.repo, table, target, overwrite=overwrite,
                                          progress=lambda n: progress.advance(run, n, 0))

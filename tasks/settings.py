@@ -59,10 +59,47 @@ def source_storage_options() -> dict[str, Any]:
     return _json_object("VAULTFLOW_SOURCE_STORAGE_OPTIONS")
 
 
+def split_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """(the URL without `user:secret@`, those credentials as fsspec storage options).
+
+    A URL travels into flow parameters, logs and records; credentials must not, so they move into storage
+    options (`key`/`secret` for s3, `username`/`password` elsewhere) before anything sees the URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url, {}
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url, {}
+    from urllib.parse import unquote
+
+    user, _, secret = userinfo.partition(":")
+    names = ("key", "secret") if scheme in ("s3", "s3a") else ("username", "password")
+    opts = {k: unquote(v) for k, v in zip(names, (user, secret), strict=True) if v}
+    return f"{scheme}://{host}{slash}{path}", opts
+
+
+def redact(url: str) -> str:
+    """The URL as it may be shown: credentials replaced by `***`."""
+    clean, opts = split_credentials(url)
+    if not opts:
+        return url
+    scheme, _, rest = clean.partition("://")
+    return f"{scheme}://***@{rest}"
+
+
 def resolve(repo: str | None, password_file: str | None, password_secret: str | None) -> RepoSettings:
+    """Settings from flags, then the environment. Credentials inside the URL move into the storage options and
+    into VAULTFLOW_STORAGE_OPTIONS of this process (so tasks that resolve again find them), never into the URL
+    that flow parameters and logs carry."""
+    url, creds = split_credentials(repo or os.environ.get("VAULTFLOW_REPOSITORY") or default_repository())
+    options = storage_options_from_env()
+    if creds:
+        options = {**options, **creds}
+        os.environ["VAULTFLOW_STORAGE_OPTIONS"] = json.dumps(options)
     return RepoSettings(
-        url=repo or os.environ.get("VAULTFLOW_REPOSITORY") or default_repository(),
-        storage_options=storage_options_from_env(),
+        url=url,
+        storage_options=options,
         password_file=password_file or os.environ.get("VAULTFLOW_PASSWORD_FILE"),
         password_secret=password_secret or os.environ.get("VAULTFLOW_PASSWORD_SECRET"),
     )

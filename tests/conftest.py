@@ -28,6 +28,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def _private_vaultflow_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's witnesses and defaults live in a folder of its own, never in the real ~/.vaultflow."""
+    monkeypatch.setenv("VAULTFLOW_HOME", str(tmp_path_factory.mktemp("vaultflow-home")))
+
+
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str

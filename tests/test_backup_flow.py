@@ -197,7 +197,7 @@ def test_private_manifests_keep_paths_out_of_storage(location, prefect_server, m
     (src / "salary-review-2026.xlsx").write_bytes(b"confidential")
     summary = run_backup(repo, src, source="hr")
     names = [n for n, _ in repo.backend.list("")]
-    assert any(n.endswith("files.parquet.enc") for n in names)
+    assert any(n.startswith("manifests/source=hr/snapshot=1/files-") and n.endswith(".parquet.enc") for n in names)
     assert not any(n.startswith("tables/") for n in names)  # no clear-text analytics tables either
     for name in names:
         assert b"salary-review" not in repo.backend.read(name), name
