@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from vaultflow.storage.errors import NotARepository
+from vaultflow.storage.errors import NotARepository, VaultflowError
 from vaultflow.tasks import settings
 
 
@@ -27,17 +27,34 @@ def _prefect(verbose: bool) -> Any:
     return runtime
 
 
-def _ensure_default_repository(s: settings.RepoSettings) -> None:
-    """The embedded default repository is created on first use; a repository the user named never is."""
-    if s.url != settings.default_repository():
-        return
+def _open_first(s: settings.RepoSettings) -> Any:
+    """Open the repository before any flow run or progress display exists: the password prompt is not hidden
+    behind a progress bar, and a typo (wrong password, no repository there) is refused without a Failed run
+    that would page someone. The embedded default repository is created on first use; one the user named
+    never is. The open repository is handed to the flow, so the key is derived once."""
     from vaultflow.storage.repository import Repository
+    from vaultflow.tasks import context
 
+    prompted = not (s.password_file or os.environ.get("VAULTFLOW_PASSWORD") or s.password_secret)
+    password = s.password()
+    if prompted:  # tasks that resolve the password again must not prompt behind the progress bar
+        os.environ["VAULTFLOW_PASSWORD"] = password
     try:
-        Repository.open(s.url, s.password(), storage_options=s.storage_options)
+        repo = Repository.open(s.url, password, storage_options=s.storage_options)
     except NotARepository:
-        repo = Repository.init(s.url, s.password(), storage_options=s.storage_options)
+        if s.url != settings.default_repository():
+            raise
+        repo = Repository.init(s.url, password, storage_options=s.storage_options)
         print(f"created the default repository {repo.config.id} at {repo.url}", file=sys.stderr)
+    context.preopen(repo)
+    return repo
+
+
+def _check_paths(paths: list[str]) -> None:
+    """Local paths that do not exist are a typo, refused before the flow run (URLs are the source's business)."""
+    for p in paths:
+        if "://" not in p and not os.path.lexists(p):
+            raise VaultflowError(f"cannot back up {p}: no such file or directory")
 
 
 def _run(runtime: Any, label: str, flow_name: str, **params: Any) -> Any:
@@ -72,14 +89,16 @@ def _print_rows(rows: list[dict[str, str]]) -> None:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
-    _ensure_default_repository(s)
-    runtime = _prefect(args.verbose)  # before anything imports prefect
+    _check_paths(args.paths)
+    runtime = _prefect(args.verbose)  # before anything imports prefect (a Secret block password does)
+    _open_first(s)
     from vaultflow.flows.backup import ErrorBudgetExceeded
 
     try:
         summary = _run(runtime, "backup", "backup", paths=args.paths, source=args.source, repository=s.url,
                        full=args.full, excludes=args.exclude, error_budget=args.error_budget,
-                       verify_sample=args.verify_sample, password_secret=s.password_secret)
+                       verify_sample=args.verify_sample, password_secret=s.password_secret,
+                       lock_wait=args.retry_lock)
     except ErrorBudgetExceeded as e:
         print(f"vaultflow: error: {e}", file=sys.stderr)
         return 3
@@ -93,7 +112,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
-    summary = _run(_prefect(args.verbose), "restore", "restore", snapshot=args.snapshot, target=args.target,
+    if os.path.lexists(args.target) and not os.path.isdir(args.target):
+        raise VaultflowError(f"cannot restore into {args.target}: it exists and is not a directory; name a new or "
+                             "existing folder")
+    runtime = _prefect(args.verbose)
+    _open_first(s).find_snapshot(args.snapshot)  # an unknown snapshot is a typo, not a failed run
+    summary = _run(runtime, "restore", "restore", snapshot=args.snapshot, target=args.target,
                    includes=args.include,
                    overwrite=args.overwrite, repository=s.url, password_secret=s.password_secret)
     _print_rows(summary.rows())
@@ -107,6 +131,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
     runtime = _prefect(args.verbose)  # before anything imports prefect
+    _open_first(s)
     from vaultflow.flows.check import CheckFailed
 
     try:
@@ -133,6 +158,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_restore_test(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
     runtime = _prefect(args.verbose)  # before anything imports prefect
+    _open_first(s)
     from vaultflow.flows.restore_test import RestoreTestFailed
 
     try:
@@ -164,6 +190,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     b.add_argument("--error-budget", type=int, default=100,
                    help="fail the run when more files than this cannot be read (default 100)")
     b.add_argument("--verify-sample", type=int, default=8, help="chunks to read back after commit (default 8)")
+    b.add_argument("--retry-lock", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for another backup of the same source to finish (default: fail at once)")
     b.add_argument("--verbose", "-v", action="store_true", help="show Prefect's log lines")
     b.set_defaults(func=cmd_backup)
 
