@@ -76,7 +76,8 @@ def backup(paths: list[str], source: str | None = None, repository: str | None =
             stats = {**written.stats, "bytes_read": sum(b["bytes_read"] for b in read),
                      "bytes_added": s.bytes_new_raw, "bytes_stored": s.bytes_new_stored,
                      "packs_uploaded": s.packs_uploaded, "packs_adopted": adopted}
-            snapshot = commit_snapshot(run, source, serial, parent, started, utc_now(), paths, written, stats)
+            snapshot = commit_snapshot(run, source, serial, parent, lineage.previous, started, utc_now(), paths,
+                                       written, stats)
             publish_commit(run, source, serial, snapshot)
             verified = verify_snapshot(run, snapshot, verify_sample)
     finally:

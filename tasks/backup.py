@@ -63,18 +63,24 @@ def open_repository(repository: str | None, password_secret: str | None) -> str:
 
 
 class Lineage(BaseModel):
-    parent: Parent | None  # the latest good snapshot of the source: change detection and the chain's link
+    parent: Parent | None  # the latest good snapshot of the source: change detection compares against it
     serial: int  # the new snapshot's serial: above every record of the source, damaged ones included
+    previous: str | None  # the record of serial - 1 as far as anyone saw it: the chain's link
 
 
 @task(**TASK)
 def find_lineage(run: str, source: str) -> Lineage:
-    """The latest snapshot of `source` by serial (change detection compares against its manifest) and the
-    serial the new snapshot takes, never one a damaged record of the source already claims."""
+    """The latest snapshot of `source` by serial (change detection compares against its manifest), and the
+    serial and chain link of the new one: never a serial that a damaged record or this machine's witness
+    already saw, so a rolled-back or damaged head leaves a gap that check reports, never a fork."""
     repo = context.get(run).repo
     records = repo.snapshots()
     latest = repo.latest(source, records)
     serial = repo.next_serial(source, records)
+    previous = latest[0] if latest else None
+    claimed = [(d.serial, rid) for rid, d in repo.damaged_records.items() if d.source == source and d.serial]
+    if claimed and max(claimed)[0] == serial - 1:
+        previous = max(claimed)[1]
     try:
         head = witness.local_witness(repo.config.id).load().sources.get(source)
     except VaultflowError:
@@ -84,14 +90,14 @@ def find_lineage(run: str, source: str) -> Lineage:
             "source %s: this machine's witness saw serial %s (record %s), but the repository's newest is %s: it "
             "was rolled back; this snapshot takes serial %s so that it forks nothing; run `vaultflow check`",
             source, head.serial, head.id[:12], serial - 1, head.serial + 1)
-        serial = head.serial + 1
+        serial, previous = head.serial + 1, head.id
     if latest is None:
-        return Lineage(parent=None, serial=serial)
+        return Lineage(parent=None, serial=serial, previous=previous)
     rid, rec = latest
     started = parse_utc(rec.started)
     return Lineage(parent=Parent(id=rid, serial=rec.serial,
                                  started_ns=int(started.timestamp()) * 10**9 + started.microsecond * 1000),
-                   serial=serial)
+                   serial=serial, previous=previous)
 
 
 @task(**TASK)
@@ -205,8 +211,8 @@ def _verify_indexed(repo: Repository, chunk_ids: list[bytes]) -> None:
 
 
 @task(**RETRY, **TASK)
-def commit_snapshot(run: str, source: str, serial: int, parent: Parent | None, started: str, finished: str,
-                    paths: list[str], written: Manifest, stats: dict[str, int]) -> str:
+def commit_snapshot(run: str, source: str, serial: int, parent: Parent | None, previous: str | None, started: str,
+                    finished: str, paths: list[str], written: Manifest, stats: dict[str, int]) -> str:
     """Write the snapshot record: the commit point. Returns the snapshot id.
 
     Idempotent: the record's content is fixed by the parameters (the flow takes `finished` before calling), so
@@ -218,7 +224,7 @@ def commit_snapshot(run: str, source: str, serial: int, parent: Parent | None, s
     repo = state.repo
     record = SnapshotRecord(source=source, serial=serial, started=started, finished=finished,
                             host=socket.gethostname(), parent=parent.id if parent else None,
-                            previous=parent.id if parent else None, manifests=written.objects,
+                            previous=previous, manifests=written.objects,
                             index_files=written.index_files, stats=stats, paths=paths,
                             vaultflow_version=__version__)
     if state.lock is not None:

@@ -187,3 +187,20 @@ def test_restore_holds_a_shared_lock_so_repair_and_prune_exclude_it(repo, tmp_pa
         run_flow(restore, snapshot="docs:latest", target=str(tmp_path / "out"), repository=repo.url)
     summary = run_flow(restore, snapshot="docs:latest", target=str(tmp_path / "out2"), repository=repo.url)
     assert summary.files == 5 and not list(repo.backend.list("locks"))  # released afterwards
+
+
+def test_a_damaged_newest_record_is_linked_over_never_reused(repo, tmp_path):
+    src = tree(tmp_path / "src")
+    backup(repo, [str(src)], source="docs")
+    second = backup(repo, [str(src)], source="docs").snapshot
+    name = f"snapshots/{second}"
+    data = bytearray(repo.backend.read(name))
+    data[40] ^= 1
+    repo.backend.delete(name)
+    repo.backend.write(name, bytes(data))
+    third = backup(repo, [str(src)], source="docs")
+    record = fresh(repo).snapshot(third.snapshot)
+    assert (record.serial, record.previous) == (3, second)  # the chain names its real predecessor
+    problems = structure_problems(repo)
+    assert any(second in p and "snapshot record" in p for p in problems), problems
+    assert not any("fork" in p for p in problems), problems
