@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from vaultflow.storage.errors import NotARepository, VaultflowError
+from vaultflow.storage.errors import IntegrityError, NotARepository, VaultflowError
 from vaultflow.tasks import settings
 
 
@@ -131,7 +131,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
     runtime = _prefect(args.verbose)  # before anything imports prefect
-    _open_first(s)
+    try:
+        _open_first(s)
+    except IntegrityError as e:  # a damaged config or key files: the check's own answer, in its own format
+        if not args.json:
+            raise
+        print(json.dumps({"ok": False, "problems": [{"kind": "open", "object": e.obj, "message": str(e),
+                                                     "snapshots": [], "files": []}], "notices": []}, indent=1))
+        return 1
     from vaultflow.flows.check import CheckFailed
 
     try:
@@ -151,6 +158,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  affects snapshots: {', '.join(x[:12] for x in p['snapshots'])}")
             for f in p["files"]:
                 print(f"  affects {f}")
+        for p in report.get("notices", []):
+            print(f"notice {p['kind']}: {p['object']}: {p['message']}")
         print("no problems found" if report["ok"] else f"{len(report['problems'])} problems found")
     return 0 if report["ok"] else 1
 

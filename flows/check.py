@@ -46,9 +46,10 @@ def check(read_data: bool = False, read_data_subset: str | None = None, reposito
     summary = (f"{report['snapshots']} snapshots, {report['index_files']} index files, {report['packs']} packs, "
                f"{report['chunks']} chunks; {report['packs_read']} packs read ({report['bytes_read']:,} bytes)")
     consulted = "Head witnesses consulted: " + "; ".join(witnesses.consulted)
+    notices = "".join(f"\n* notice: {n['object']}: {n['message']}" for n in report["notices"])
     create_markdown_artifact(key="check-report", markdown=f"# Check: {'OK' if report['ok'] else 'PROBLEMS'}\n\n"
                              f"{summary}\n\n{consulted}\n\n"
-                             + "\n".join(f"* **{r['object']}**: {r['problem']}" for r in rows))
+                             + "\n".join(f"* **{r['object']}**: {r['problem']}" for r in rows) + notices)
     if rows:
         create_table_artifact(key="check-problems", table=rows, description=f"{summary}. {consulted}")
         raise CheckFailed(report)

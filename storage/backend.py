@@ -5,9 +5,11 @@ Owns atomic, never-overwriting writes and listings; retries on transient errors 
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,6 +88,25 @@ class Backend:
             if info.get("type") == "directory" or name.rsplit("/", 1)[-1].startswith(".tmp-"):
                 continue
             yield name, int(info.get("size") or 0)
+
+    def temporaries(self, prefix: str) -> builtins.list[tuple[str, float]]:
+        """(name, age in seconds) of the partial `.tmp-` files below `prefix` that killed local writers left;
+        object stores have none (an upload appears whole or not at all)."""
+        if not self.is_local:
+            return []
+        base = self.path(prefix).rstrip("/")
+        cut = len(self.root) + 1 if self.root else 0
+        found: builtins.list[tuple[str, float]] = []
+        now = time.time()
+        for folder, _, files in os.walk(base):
+            for leaf in files:
+                if leaf.startswith(".tmp-"):
+                    full = os.path.join(folder, leaf)
+                    try:
+                        found.append((full[cut:], now - os.lstat(full).st_mtime))
+                    except FileNotFoundError:  # its writer finished meanwhile
+                        continue
+        return sorted(found)
 
     # -- writing -----------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from . import manifest
 from .crypto import content_hash
 from .errors import IntegrityError, NotARepository, ObjectMissing, VaultflowError
 from .index import Index, encode_index_file
+from .lock import STALE_AFTER
 from .pack import PackEntry
 from .repository import CONFIG, RepoConfig, Repository
 from .snapshot import SnapshotRecord, chain_problems, decode_record
@@ -41,6 +42,9 @@ class CheckReport:
     packs_read: int = 0
     bytes_read: int = 0
     problems: list[Problem] = field(default_factory=list)
+    # What an interrupted run leaves (packs in no index file, partial uploads): reported, never damage. Data
+    # that a snapshot needs and cannot find is a problem of its own (kind "chunk"), whatever the cause.
+    notices: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -118,8 +122,13 @@ class Checker:
                 self._mark_pack_bad(pack)
         indexed = self.index.pack_set()
         for pack in sorted(set(self.pack_sizes) - indexed):
-            self._problem("pack", pack, "pack is in no index file (an interrupted backup's leftover, or a lost "
-                                        "index file): the next backup adopts it, `vaultflow repair index` indexes it")
+            self.report.notices.append(Problem("pack", pack, "pack is in no index file (an interrupted backup's "
+                                               "leftover): the next backup adopts it, `vaultflow repair index` "
+                                               "indexes it"))
+        for name, age in self.repo.backend.temporaries("data"):
+            self.report.notices.append(Problem("upload", name, f"partial upload left by an interrupted run "
+                                               f"({age / 60:.0f} min old): the next backup removes it once it is "
+                                               f"older than {STALE_AFTER / 60:.0f} min"))
 
     def _mark_pack_bad(self, pack: str) -> None:
         for p, entry in self.index.entries():

@@ -22,7 +22,7 @@ from .keys import MAX_KEY_FILE_SIZE, KdfParams, KeyInfo, MasterKey, key_info, un
 from .lock import STALE_AFTER, Lock
 from .pack import BlobType, PackEntry, PackReader
 from .snapshot import DamagedRecord, SnapshotRecord, decode_record, encode_record, peek_record, utc_now
-from .upload import WriteSession
+from .upload import WriteSession, read_pack_trailer
 
 REPOSITORY_VERSION = 1
 CONFIG = "config"
@@ -58,7 +58,7 @@ class RepoConfig:
                 raise TypeError
             return body, outer.get("mac")
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            raise IntegrityError(CONFIG, "repository config is not valid JSON (corrupted)") from None
+            raise _config_damage("repository config is not valid JSON (corrupted)") from None
 
     @staticmethod
     def decode(data: bytes, config_key: bytes) -> RepoConfig:
@@ -67,19 +67,26 @@ class RepoConfig:
         try:
             expected = keyed_hash(config_key, _canonical(body)).hex()
         except RecursionError:  # JSON nested deeper than re-encoding allows is not a config vaultflow wrote
-            raise IntegrityError(CONFIG, "repository config is nested too deeply (corrupted)") from None
+            raise _config_damage("repository config is nested too deeply (corrupted)") from None
         # Compare the lowercase hex text, not bytes.fromhex(mac): that accepts either case and raises on non-hex.
         if not isinstance(mac, str) or not mac.isascii() or not hmac.compare_digest(mac, expected):
-            raise IntegrityError(CONFIG, "repository config MAC mismatch (modified or corrupted)")
+            raise _config_damage("repository config MAC mismatch (modified or corrupted)")
         if body.get("version") != REPOSITORY_VERSION:
             raise NotARepository(f"repository version {body.get('version')} is not {REPOSITORY_VERSION}")
         try:
             config = RepoConfig(**{**body, "chunker": ChunkerParams(**body["chunker"])})
         except (TypeError, KeyError) as e:
-            raise IntegrityError(CONFIG, f"repository config has unexpected fields ({e})") from None
+            raise _config_damage(f"repository config has unexpected fields ({e})") from None
         if config.encode(config_key) != data:
-            raise IntegrityError(CONFIG, "repository config is not byte-for-byte what vaultflow wrote (modified)")
+            raise _config_damage("repository config is not byte-for-byte what vaultflow wrote (modified)")
         return config
+
+
+def _config_damage(problem: str) -> IntegrityError:
+    # `vaultflow check` cannot help here: it must open the config first.
+    return IntegrityError(CONFIG, problem, "no repository opens without it: put back `config` from a copy of "
+                                           "this repository (a replica, or a backup of the folder); packs, "
+                                           "indexes and snapshots are not affected")
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -99,6 +106,7 @@ class Repository:
         self.master = master
         self.key_name = key_name
         self._index: Index | None = None
+        self.damaged_index_files: dict[str, str] = {}  # name -> why, from the last index load
         self._index_lock = threading.Lock()
         self._local = threading.local()
 
@@ -236,9 +244,27 @@ class Repository:
             return self._index
 
     def _load_index(self) -> Index:
+        """The union of the index files. A damaged one behaves like a missing one: it is named in
+        `damaged_index_files` and the packs it covered are indexed from their own trailers, so one bad index file
+        never stops a restore or a backup (check still reports it; `repair index` rewrites it)."""
         index = Index()
+        damaged: dict[str, str] = {}
         for name, _ in self.backend.list("index"):
-            index.add_columns(*self.read_index_file(name))
+            try:
+                index.add_columns(*self.read_index_file(name))
+            except ObjectMissing:  # removed by `repair index` between listing and reading
+                continue
+            except IntegrityError as e:
+                damaged[name] = str(e)
+        if damaged:
+            known = index.pack_set()
+            for pack, size in self.backend.list("data"):
+                if pack not in known:
+                    try:
+                        index.add(pack, read_pack_trailer(self, pack, size))
+                    except (IntegrityError, ObjectMissing):
+                        continue  # a damaged pack is check's to report; its chunks are simply absent
+        self.damaged_index_files = damaged
         return index
 
     def read_index_file(self, name: str) -> tuple[Any, ...]:

@@ -258,8 +258,10 @@ class Restorer:
         created = []
         for i in self._hardlink_groups():
             row = self.rows[i]
-            if row["chunks"] is None:
-                self._fail(i, f"not restored: the backup could not read it ({row['error']})")
+            if row["chunks"] is None:  # the snapshot holds no data for it: a note, as for a partial read
+                with self._lock:
+                    self.result.skipped[self._show(i)] = f"not in the snapshot: the backup could not read it " \
+                                                          f"({row['error']})"
                 continue
 
             def create(parent: int, name: bytes, size: int = row["size"]) -> Ident:
@@ -396,6 +398,10 @@ class Restorer:
         for i, first in self._alias.items():
             if self._show(first) in self.result.failed:
                 self._fail(i, f"hard link target {self._show(first)!r} failed")
+                continue
+            if self.rows[first]["chunks"] is None:
+                self.result.skipped[self._show(i)] = f"not in the snapshot: hard link to {self._show(first)!r}, " \
+                                                     "which the backup could not read"
                 continue
 
             def hardlink(parent: int, name: bytes, first: int = first) -> Ident:

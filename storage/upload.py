@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .crypto import content_hash
 from .index import encode_index_file
+from .lock import STALE_AFTER
 from .pack import FOOTER_SIZE, HEADER_SIZE, PackEntry, PackReader, PackWriter
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class WriteSession:
         rather than committing references to lost data."""
         listed = dict(self.repo.backend.list("data"))
         self.missing_packs = self.repo.forget_lost_packs(set(listed))
+        for name, age in self.repo.backend.temporaries("data"):
+            if age > STALE_AFTER:  # a writer that old is dead: packs are written in seconds
+                self.repo.backend.delete(name)
         known = self.repo.index.pack_set()
         adopted = 0
         for name, size in listed.items():

@@ -44,7 +44,8 @@ class RestoreSummary(BaseModel):
                 {"measure": "bytes", "value": human_bytes(self.bytes)},
                 {"measure": "directories / symlinks", "value": f"{self.dirs:,} / {self.links:,}"},
                 {"measure": "failed", "value": f"{len(self.failed):,}"},
-                {"measure": "skipped (sockets, devices, partial reads)", "value": f"{len(self.skipped):,}"},
+                {"measure": "notes (not in the snapshot, partial reads, sockets)",
+                 "value": f"{len(self.skipped):,}"},
                 {"measure": "duration", "value": f"{self.seconds:,.2f} s"}]
 
 

@@ -140,13 +140,18 @@ def test_truncated_and_missing_packs_are_reported_by_name(location):
         reopen(location).load_blob(ids[0])
 
 
-def test_damaged_index_file_is_reported_by_name(location):
+def test_damaged_index_file_is_named_and_behaves_like_a_missing_one(location):
+    """One bad index file used to stop every restore and backup; its packs' trailers stand in for it."""
     repo = make(location)
-    store(repo, [os.urandom(1000)])
+    first = store(repo, [os.urandom(1000)])
     [(name, _)] = list(repo.backend.list("index"))
+    second = store(repo, [os.urandom(2000)])
     corrupt(repo.backend, name, 60)
     with pytest.raises(IntegrityError, match=name):
-        _ = reopen(location).index
+        reopen(location).read_index_file(name)
+    again = reopen(location)
+    assert len(again.index) == 2 and name in again.damaged_index_files
+    assert len(again.load_blob(first[0])) == 1000 and len(again.load_blob(second[0])) == 2000
 
 
 def test_tampered_config_and_key_file_are_reported(location):

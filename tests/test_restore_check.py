@@ -75,7 +75,7 @@ def problems(repo: Repository, read_data: bool = False) -> list:  # type: ignore
     if read_data:
         checker.read_packs(checker.select_packs(None))
     checker.affected()
-    return checker.report.problems
+    return checker.report.problems + checker.report.notices  # notices: kind and message tell them apart
 
 
 def test_clean_repository_checks_and_restores_byte_for_byte(backed_up, tmp_path):
