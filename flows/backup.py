@@ -14,7 +14,7 @@ from prefect import flow, unmapped
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.storage.manifest import check_source_name
 from vaultflow.storage.snapshot import utc_now
-from vaultflow.tasks import context, progress
+from vaultflow.tasks import context, progress, runs
 from vaultflow.tasks.backup import (
     commit_snapshot,
     find_lineage,
@@ -57,8 +57,9 @@ def backup(paths: list[str], source: str | None = None, repository: str | None =
     run = open_repository(repository, password_secret)
     state = context.get(run)
     try:
-        with state.repo.lock(purpose=f"backup of {source}", scope=f"source:{source}").acquire(lock_wait) \
-                as state.lock:
+        with state.repo.lock(purpose=f"backup of {source}", scope=f"source:{source}", run=runs.current()) \
+                .acquire(lock_wait) as state.lock:
+            runs.mark_crashed(state.lock.removed)
             started = utc_now()  # after the lock: a backup that waited behind another is not a rollback
             lineage = find_lineage(run, source)
             parent = lineage.parent

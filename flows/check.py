@@ -12,7 +12,7 @@ from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from vaultflow.storage.errors import VaultflowError
-from vaultflow.tasks import context
+from vaultflow.tasks import context, runs
 from vaultflow.tasks.backup import open_repository
 from vaultflow.tasks.check import check_affected, check_packs, check_structure, check_witnesses
 from vaultflow.tasks.runner import thread_runner
@@ -32,7 +32,8 @@ def check(read_data: bool = False, read_data_subset: str | None = None, reposito
     """Verify the repository's structure and, with read_data or a subset (`N%`, `K/N`), its bytes."""
     run = open_repository(repository, password_secret)
     try:
-        with context.get(run).repo.lock(purpose="check"):
+        with context.get(run).repo.lock(purpose="check", run=runs.current()) as lock:
+            runs.mark_crashed(lock.removed)
             structure = check_structure(run, read_data, read_data_subset)
             [f.result() for f in check_packs.map(unmapped(run), structure.pack_batches)]
             witnesses = check_witnesses(run)

@@ -12,7 +12,7 @@ from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
 
 from vaultflow.storage.errors import VaultflowError
-from vaultflow.tasks import context, progress
+from vaultflow.tasks import context, progress, runs
 from vaultflow.tasks.backup import open_repository
 from vaultflow.tasks.restore import RestoreSummary, finish_restore, plan_restore, restore_packs
 from vaultflow.tasks.runner import thread_runner
@@ -30,7 +30,8 @@ def restore(snapshot: str, target: str, includes: list[str] | None = None, overw
     run = open_repository(repository, password_secret)
     try:
         # A shared lock: `repair index` and prune (exclusive) wait until the restore has read what it needs.
-        with context.get(run).repo.lock(purpose=f"restore of {snapshot}"):
+        with context.get(run).repo.lock(purpose=f"restore of {snapshot}", run=runs.current()) as lock:
+            runs.mark_crashed(lock.removed)
             plan = plan_restore(run, snapshot, target, includes or [], overwrite)
             progress.start(run, plan.bytes, plan.entries, key="restore-progress", description="bytes written")
             written = restore_packs.map(unmapped(run), plan.pack_batches)

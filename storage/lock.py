@@ -38,6 +38,7 @@ class LockInfo:
     pid_ns: int = 0  # the holder's PID namespace: containers sharing one hostname have different ones
     pid_start: int = 0  # the holder process's start time (clock ticks since boot): guards against PID reuse
     token: str = ""  # random per lock, so a holder recognises its own object
+    run: str = ""  # the orchestrator's id of the run holding it: a stale lock names a run that died
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class Lock:
     """
 
     def __init__(self, backend: Backend, exclusive: bool, purpose: str, stale_after: float = STALE_AFTER,
-                 scope: str = "") -> None:
+                 scope: str = "", run: str = "") -> None:
         self.backend = backend
         self.exclusive = exclusive
         self.purpose = purpose
@@ -123,11 +124,14 @@ class Lock:
         self._last_ok = time.monotonic()  # when this holder last knew its lock object was in place
         self._lost: str | None = None
         self.refresh_failures = 0
+        self.run = run
+        self.removed: list[LockInfo] = []  # stale locks this locker removed: their holders died or stalled
 
     def _info(self) -> LockInfo:
         here = this_host()
         return LockInfo(self.exclusive, here.host, os.getpid(), self._created, time.time(), self.purpose,
-                        self.scope, here.boot_id, here.pid_ns, process_start(os.getpid()) or 0, self._token)
+                        self.scope, here.boot_id, here.pid_ns, process_start(os.getpid()) or 0, self._token,
+                        self.run)
 
     def _encode(self) -> bytes:
         return json.dumps(asdict(self._info())).encode()
@@ -166,6 +170,7 @@ class Lock:
             if is_stale(info, now, self.stale_after):
                 if remove_stale:
                     self.backend.delete(name)
+                    self.removed.append(info)
                 continue
             if self.exclusive or info.exclusive or (self.scope and info.scope == self.scope):
                 found.append((name, info))

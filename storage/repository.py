@@ -392,9 +392,10 @@ class Repository:
     # -- locks ---------------------------------------------------------------------------------------------
 
     def lock(self, *, exclusive: bool = False, purpose: str = "backup", stale_after: float = STALE_AFTER,
-             scope: str = "") -> Lock:
-        """A lock to use as a context manager; `scope` serialises writers of one source."""
-        return Lock(self.backend, exclusive, purpose, stale_after, scope)
+             scope: str = "", run: str = "") -> Lock:
+        """A lock to use as a context manager; `scope` serialises writers of one source; `run` names the
+        orchestrator's run that holds it, so whoever finds it stale can say which run died."""
+        return Lock(self.backend, exclusive, purpose, stale_after, scope, run)
 
     def find_snapshot(self, spec: str, records: dict[str, SnapshotRecord] | None = None) -> tuple[str, SnapshotRecord]:
         """Resolve `latest`, `SOURCE:latest`, `SOURCE:SERIAL` or a unique id prefix to one snapshot."""
