@@ -24,6 +24,10 @@ def _prefect(verbose: bool) -> Any:
     runtime = PrefectRuntime.start()  # imports prefect, which configures logging
     if not verbose:  # "Still processing items" at exit: this logger bypasses the console handler's level
         logging.getLogger("prefect.EventsWorker").setLevel(logging.ERROR)
+        # When the API goes away, its log and event senders report each failed send on stderr; the CLI says
+        # it once, in its own words (see _run), and the UI's history is what is incomplete.
+        logging.getLogger("prefect._internal.concurrency").setLevel(logging.CRITICAL)
+        logging.raiseExceptions = False  # APILogWorker prints "--- Error logging to API ---" unless this is off
     return runtime
 
 
@@ -75,10 +79,32 @@ def _run(runtime: Any, label: str, flow_name: str, **params: Any) -> Any:
     try:
         with bar:
             return runtime.run_flow(flow, **params)
+    except VaultflowError:
+        raise
+    except Exception as e:
+        if runtime.api_alive():
+            raise
+        raise OrchestratorLost(f"the Prefect API at {runtime.api_url} stopped answering during the {label} "
+                               f"({type(e).__name__}); its run history is incomplete") from None
     finally:
         progress.set_listener(None)
         if _timings():
             print(runtime.timings.format(), file=sys.stderr)
+
+
+class OrchestratorLost(VaultflowError):
+    """The Prefect API went away mid-run: the repository, not the API, says what was committed."""
+
+
+def _committed_since(repo: Any, started: str, paths: list[str]) -> Any:
+    """The snapshot record this machine committed for `paths` since `started`, if any (the API is gone, so the
+    repository, the source of truth, is asked)."""
+    import socket
+
+    absolute = [p if "://" in p else os.path.abspath(p) for p in paths]
+    mine = [(rid, r) for rid, r in repo.snapshots().items()
+            if r.started >= started and r.host == socket.gethostname() and r.paths == absolute]
+    return max(mine, key=lambda item: item[1].started, default=None)
 
 
 def _print_rows(rows: list[dict[str, str]]) -> None:
@@ -91,9 +117,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
     _check_paths(args.paths)
     runtime = _prefect(args.verbose)  # before anything imports prefect (a Secret block password does)
-    _open_first(s)
+    repo = _open_first(s)
     from vaultflow.flows.backup import ErrorBudgetExceeded
+    from vaultflow.storage.snapshot import utc_now
 
+    started = utc_now()
     try:
         summary = _run(runtime, "backup", "backup", paths=args.paths, source=args.source, repository=s.url,
                        full=args.full, excludes=args.exclude, error_budget=args.error_budget,
@@ -102,6 +130,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     except ErrorBudgetExceeded as e:
         print(f"vaultflow: error: {e}", file=sys.stderr)
         return 3
+    except OrchestratorLost as e:
+        committed = _committed_since(repo, started, args.paths)
+        if committed is None:
+            print(f"vaultflow: error: {e}; nothing was committed (the next backup adopts what was uploaded)",
+                  file=sys.stderr)
+            return 1
+        rid, record = committed
+        print(f"vaultflow: warning: {e}; snapshot {record.source} #{record.serial} ({rid[:12]}) was committed "
+              "and is complete", file=sys.stderr)
+        return 0
     _print_rows(summary.rows())
     if summary.errors:
         print(f"{summary.errors} files could not be read completely; see `vaultflow ls {summary.snapshot[:12]} -l`"
