@@ -88,3 +88,34 @@ def as_unprivileged_user(fn, *args):  # type: ignore[no-untyped-def]
                           str(Path(__file__).parent), json.dumps(args)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return tuple(json.loads(out.stdout))
+
+
+def start_cli_backup(tmp_path: Path, api_url: str, big_files: int = 6):  # type: ignore[no-untyped-def]
+    """A `vaultflow backup` process over a few hundred MB, returned once it holds its repository lock (so it is
+    mid-run, ready to be killed or to lose its API): (repository, the process, its lock's LockInfo)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from conftest import FAST_KDF
+
+    from vaultflow.storage.lock import LockInfo
+
+    repo_url = str(tmp_path / "repo")
+    repo = Repository.init(repo_url, "pw", kdf=FAST_KDF)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(big_files):
+        (src / f"big{i}.bin").write_bytes(os.urandom(40 << 20))
+    env = {**os.environ, "VAULTFLOW_REPOSITORY": repo_url, "VAULTFLOW_PASSWORD": "pw", "PREFECT_API_URL": api_url,
+           "VAULTFLOW_HOME": str(tmp_path / "home")}
+    child = subprocess.Popen([sys.executable, "-m", "vaultflow", "backup", str(src), "--source", "big"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        for name, _ in repo.backend.list("locks"):
+            return repo, child, LockInfo(**json.loads(repo.backend.read(name)))
+        time.sleep(0.02)
+    child.kill()
+    raise AssertionError(f"the backup never held its lock (exit {child.poll()}): {child.communicate()[1][-2000:]}")

@@ -4,13 +4,10 @@ line (no tracebacks) and nothing half-committed; the repository says what was co
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
-from conftest import FAST_KDF
+from backup_helpers import start_cli_backup
 from prefect_fixtures import free_port, start_prefect_server, wait_healthy
 
 from vaultflow.storage.checker import Checker
@@ -24,21 +21,7 @@ def test_a_backup_whose_api_dies_stops_promptly_and_commits_nothing_half(tmp_pat
     server = start_prefect_server(home, port)
     try:
         wait_healthy(server, api, home / "server.log")
-        repo_url = str(tmp_path / "repo")
-        repo = Repository.init(repo_url, "pw", kdf=FAST_KDF)
-        src = tmp_path / "src"
-        src.mkdir()
-        for i in range(8):
-            (src / f"big{i}.bin").write_bytes(os.urandom(40 << 20))
-        env = {**os.environ, "VAULTFLOW_REPOSITORY": repo_url, "VAULTFLOW_PASSWORD": "pw", "PREFECT_API_URL": api,
-               "VAULTFLOW_HOME": str(tmp_path / "home")}
-        child = subprocess.Popen([sys.executable, "-m", "vaultflow", "backup", str(src), "--source", "big"],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not list(repo.backend.list("locks")) and time.monotonic() < deadline and child.poll() is None:
-            time.sleep(0.02)
-        assert child.poll() is None, "the backup ended before the test could kill its API"
+        repo, child, _ = start_cli_backup(tmp_path, api, big_files=8)
         server.send_signal(signal.SIGKILL)  # the orchestrator dies mid-backup
         server.wait()
         killed = time.monotonic()
@@ -54,12 +37,12 @@ def test_a_backup_whose_api_dies_stops_promptly_and_commits_nothing_half(tmp_pat
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("vaultflow: "), err[-3000:]
     assert "Prefect API" in lines[-1] and "stopped answering" in lines[-1]
-    records = Repository.open(repo_url, "pw").snapshots()
+    records = Repository.open(repo.url, "pw").snapshots()
     if child.returncode == 1:
         assert "nothing was committed" in lines[-1] and not records
     else:  # the API died after the record was written: committed, complete, and said so
         assert child.returncode == 0 and "was committed" in lines[-1] and len(records) == 1
-    report = Checker(Repository.open(repo_url, "pw")).structure()
+    report = Checker(Repository.open(repo.url, "pw")).structure()
     assert report.ok, [p.message for p in report.problems]
     assert not list(repo.backend.list("locks"))  # released on the way out
     assert json.dumps(out)  # stdout may be empty; it must not hold a traceback either

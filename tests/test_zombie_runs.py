@@ -6,15 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 
-from conftest import FAST_KDF
-
-from vaultflow.storage.lock import LockInfo
-from vaultflow.storage.repository import Repository
+from backup_helpers import start_cli_backup
 
 
 def flow_run_state(prefect_server: str, run_id: str) -> str:
@@ -24,31 +18,17 @@ def flow_run_state(prefect_server: str, run_id: str) -> str:
 
 
 def test_a_killed_backup_is_marked_crashed_by_the_next_run(prefect_server, tmp_path, monkeypatch):
-    repo_url = str(tmp_path / "repo")
-    repo = Repository.init(repo_url, "pw", kdf=FAST_KDF)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"big{i}.bin").write_bytes(os.urandom(40 << 20))
-    env = {**os.environ, "VAULTFLOW_REPOSITORY": repo_url, "VAULTFLOW_PASSWORD": "pw",
-           "PREFECT_API_URL": prefect_server, "VAULTFLOW_HOME": str(tmp_path / "home")}
-    child = subprocess.Popen([sys.executable, "-m", "vaultflow", "backup", str(src), "--source", "big"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    info = None
-    while info is None and time.monotonic() < deadline and child.poll() is None:
-        for name, _ in repo.backend.list("locks"):
-            info = LockInfo(**json.loads(repo.backend.read(name)))
-        time.sleep(0.02)
-    assert info is not None and info.run, "the backup never held a lock naming its run"
+    repo, child, info = start_cli_backup(tmp_path, prefect_server)
+    assert info.run, "the backup's lock does not name its run"
     os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    child.communicate()
     assert flow_run_state(prefect_server, info.run) == "RUNNING"  # what the UI showed forever before
 
     monkeypatch.setenv("VAULTFLOW_PASSWORD", "pw")
     from vaultflow.flows.backup import backup
     from vaultflow.flows.runtime import run_flow
 
+    src = tmp_path / "src"
     (src / "big0.bin").write_bytes(b"small now")
-    run_flow(backup, paths=[str(src)], source="big", repository=repo_url)
+    run_flow(backup, paths=[str(src)], source="big", repository=repo.url)
     assert flow_run_state(prefect_server, info.run) == "CRASHED"
