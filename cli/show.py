@@ -38,6 +38,11 @@ def snapshots(repo: Repository, as_json: bool, source: str | None) -> int:
     records = sorted(repo.snapshots().items(), key=lambda item: (item[1].source, item[1].serial))
     if source:
         records = [(rid, r) for rid, r in records if r.source == source]
+    # A damaged record is skipped, never silently; the warning goes to stderr so --json stays exact.
+    for damaged in sorted(repo.damaged_records.values(), key=lambda d: d.name):
+        claims = f" (claims {safe(damaged.source or '?')} #{damaged.serial or '?'})" if damaged.source else ""
+        print(f"warning: {damaged.name}{claims} is damaged and not listed: {safe(damaged.reason)}; run "
+              "`vaultflow check`", file=sys.stderr)
     if as_json:
         json.dump([{"id": rid, **r.body()} for rid, r in records], sys.stdout, indent=1)
         print()

@@ -120,3 +120,19 @@ def test_key_remove_takes_the_bare_id_keys_prefix_or_a_unique_prefix(repo, capsy
     assert repo.list_keys() == [repo.key_name]
     code, _, err = run(capsys, "key", "remove", "nope")
     assert code == 1 and "matches no key file" in err
+
+
+def test_snapshots_warns_about_a_damaged_record_and_lists_the_rest(repo, capsys):
+    """One damaged record is skipped by `snapshots`, never silently: a warning names it on stderr."""
+    from vaultflow.storage.snapshot import SnapshotRecord, utc_now
+
+    good = SnapshotRecord(source="docs", serial=1, started=utc_now(), finished=utc_now(), host="h", parent=None,
+                          previous=None, manifests={})
+    rid = repo.commit(good)
+    data = bytearray(repo.backend.read(f"snapshots/{rid}"))
+    data[30] ^= 1
+    repo.backend.write("snapshots/" + "0" * 64, bytes(data))
+    assert main(["snapshots", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [s["id"] for s in json.loads(out)] == [rid]
+    assert f"snapshots/{'0' * 64}" in err and "damaged and not listed" in err and "claims docs #1" in err
