@@ -22,7 +22,7 @@ from .keys import MAX_KEY_FILE_SIZE, KdfParams, KeyInfo, MasterKey, key_info, un
 from .lock import STALE_AFTER, Lock
 from .pack import BlobType, PackEntry, PackReader
 from .snapshot import DamagedRecord, SnapshotRecord, decode_record, encode_record, peek_record, utc_now
-from .upload import WriteSession, read_pack_trailer
+from .upload import WriteSession, trailers
 
 REPOSITORY_VERSION = 1
 CONFIG = "config"
@@ -107,6 +107,8 @@ class Repository:
         self.key_name = key_name
         self._index: Index | None = None
         self.damaged_index_files: dict[str, str] = {}  # name -> why, from the last index load
+        self.recovered_packs: dict[str, list[PackEntry]] = {}  # packs of damaged index files, from their trailers
+        self.damaged_records: dict[str, DamagedRecord] = {}  # id -> what failed, from the last snapshots()
         self._index_lock = threading.Lock()
         self._local = threading.local()
 
@@ -240,13 +242,14 @@ class Repository:
     def index(self) -> Index:
         with self._index_lock:
             if self._index is None:
-                self._index = self._load_index()
+                self._index = self.build_index()
             return self._index
 
-    def _load_index(self) -> Index:
-        """The union of the index files. A damaged one behaves like a missing one: it is named in
-        `damaged_index_files` and the packs it covered are indexed from their own trailers, so one bad index file
-        never stops a restore or a backup (check still reports it; `repair index` rewrites it)."""
+    def build_index(self) -> Index:
+        """The union of the index files as storage holds them now. A damaged one behaves like a missing one: it
+        is named in `damaged_index_files` and the packs it covered are indexed from their own trailers
+        (`recovered_packs`), so one bad index file never stops a restore or a backup (check still reports it;
+        the next backup's index file lists those packs again)."""
         index = Index()
         damaged: dict[str, str] = {}
         for name, _ in self.backend.list("index"):
@@ -256,15 +259,10 @@ class Repository:
                 continue
             except IntegrityError as e:
                 damaged[name] = str(e)
-        if damaged:
-            known = index.pack_set()
-            for pack, size in self.backend.list("data"):
-                if pack not in known:
-                    try:
-                        index.add(pack, read_pack_trailer(self, pack, size))
-                    except (IntegrityError, ObjectMissing):
-                        continue  # a damaged pack is check's to report; its chunks are simply absent
-        self.damaged_index_files = damaged
+        recovered = trailers(self, dict(self.backend.list("data")), index.pack_set()) if damaged else {}
+        for pack, entries in recovered.items():
+            index.add(pack, entries)
+        self.damaged_index_files, self.recovered_packs = damaged, recovered
         return index
 
     def read_index_file(self, name: str) -> tuple[Any, ...]:
@@ -406,7 +404,7 @@ class Repository:
                 raise VaultflowError(f"snapshot {spec!r} matches no snapshot; name one by id prefix, 'latest' or "
                                      "SOURCE:SERIAL (see `vaultflow snapshots`)") from None
         records = records if records is not None else self.snapshots()
-        damaged = getattr(self, "damaged_records", {}).get(spec.lower())
+        damaged = self.damaged_records.get(spec.lower())
         if damaged is not None and _is_full_id(spec) and spec.lower() not in records:
             raise IntegrityError(damaged.name, damaged.reason)
         source, _, which = spec.rpartition(":") if ":" in spec else ("", "", spec)

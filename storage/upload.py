@@ -59,20 +59,15 @@ class WriteSession:
         for name, age in self.repo.backend.temporaries("data"):
             if age > STALE_AFTER:  # a writer that old is dead: packs are written in seconds
                 self.repo.backend.delete(name)
-        known = self.repo.index.pack_set()
-        adopted = 0
-        for name, size in listed.items():
-            if name in known:
-                continue
-            try:
-                entries = read_pack_trailer(self.repo, name, size)
-            except Exception:  # noqa: BLE001 - a damaged orphan is prune's and check's business, not ours
-                continue
+        orphans = trailers(self.repo, listed, self.repo.index.pack_set())
+        for name, entries in orphans.items():
             self.repo.index.add(name, entries)
-            with self._lock:
-                self._unindexed[name] = entries
-            adopted += 1
-        return adopted
+        with self._lock:
+            # Packs whose only index file is damaged were indexed from their trailers when the index loaded;
+            # this session's index file lists them again, so the damage stops costing every later reader.
+            self._unindexed.update(self.repo.recovered_packs)
+            self._unindexed.update(orphans)
+        return len(orphans)
 
     def claim(self, blob_ids: list[bytes]) -> list[bool]:
         """For each id, whether the caller must store it: not in the index and not claimed by another thread."""
@@ -203,6 +198,20 @@ class Packer:
             self.session.submit(self._writer)
             self._writer = self._new()
 
+
+
+def trailers(repo: Repository, listed: dict[str, int], known: set[str]) -> dict[str, list[PackEntry]]:
+    """The entries of every listed pack not in `known`, read from its trailer; a damaged pack is left out (check
+    and prune report it)."""
+    found = {}
+    for name, size in listed.items():
+        if name in known:
+            continue
+        try:
+            found[name] = read_pack_trailer(repo, name, size)
+        except Exception:  # noqa: BLE001 - whatever is wrong with one pack, the others are still indexed
+            continue
+    return found
 
 
 def read_pack_trailer(repo: Repository, name: str, size: int) -> list[PackEntry]:

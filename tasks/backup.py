@@ -201,9 +201,7 @@ def write_manifest(run: str, source: str, serial: int, discover_errors: list[tup
 
 def _verify_indexed(repo: Repository, chunk_ids: list[bytes]) -> None:
     """Every chunk the manifest references must be in the index as stored (not just in memory)."""
-    fresh = Index()
-    for name, _ in repo.backend.list("index"):
-        fresh.add_columns(*repo.read_index_file(name))
+    fresh = repo.build_index()
     missing = [c for c, ok in zip(chunk_ids, fresh.contains_many(chunk_ids), strict=True) if not ok]
     if missing:
         raise ObjectMissing(f"{len(missing)} chunks referenced by the new manifest are in no index file "

@@ -204,3 +204,21 @@ def test_a_damaged_newest_record_is_linked_over_never_reused(repo, tmp_path):
     problems = structure_problems(repo)
     assert any(second in p and "snapshot record" in p for p in problems), problems
     assert not any("fork" in p for p in problems), problems
+
+
+def test_a_damaged_index_file_stops_no_backup_and_the_backup_heals_it(repo, tmp_path):
+    """One damaged index file used to fail every backup; its packs are read from their trailers, and the next
+    backup's index file lists them again, so later readers no longer pay for the damage."""
+    src = tree(tmp_path / "src", n=4)
+    backup(repo, [str(src)], source="docs")
+    [(index_file, _)] = list(repo.backend.list("index"))
+    data = bytearray(repo.backend.read(index_file))
+    data[60] ^= 1
+    repo.backend.delete(index_file)
+    repo.backend.write(index_file, bytes(data))
+    (src / "new.txt").write_text("after the damage\n")
+    summary = backup(repo, [str(src)], source="docs")
+    assert summary.files_unchanged == 4 and summary.packs_uploaded == 1  # nothing stored twice
+    again = fresh(repo)
+    assert again.build_index() and again.damaged_index_files and not again.recovered_packs
+    assert set(read_back(again, "docs:2")) == {p.name.encode() for p in src.iterdir()}
