@@ -16,18 +16,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 from rich.console import Console
 
-from bench import chart, datagen, install, report, scenarios
+from bench import baseline, chart, datagen, install, report, scenarios
 from bench.mutate import undo_appends
 from bench.proc import __doc__ as METHOD
 from bench.results import MEASURES, Sample, ratios, sample_dict, summarize
+from bench.tools import TASK_RUNNER_ENV, vaultflow_task_runner
 
 HERE = Path(__file__).resolve().parent
 TOOLS = ("vaultflow", "restic", "borg")
 REFERENCE_TOOLS = ("restic", "borg")
+# vaultflow settings worth recording with the results (never the password)
+VAULTFLOW_ENV = ("VAULTFLOW_TASK_RUNNER", "VAULTFLOW_AGENT", "VAULTFLOW_WORKERS", "PREFECT_API_URL")
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"ref {ref.files} files / {ref.bytes / 1e6:.1f} MB, scale {scale.files} files / "
                   f"{scale.bytes / 1e6:.1f} MB")
     datagen.warm(ds.root)
+    runner = vaultflow_task_runner()
+    fixed: dict[str, Any] | None = None
+    if "vaultflow" in opts.tools and programs["vaultflow"].path:
+        console.print(f"vaultflow task runner: {runner or 'auto (the CLI default)'}"
+                      f"{f' (from {TASK_RUNNER_ENV})' if runner else ''}")
+        fixed = baseline.fixed_rss(programs["vaultflow"].path, dict(os.environ), opts.timeout)
+        if fixed["ok"]:
+            console.print(f"fixed RSS of Prefect + imports (bare process): "
+                          f"{fixed['prefect_and_imports_rss'] / 2**20:.0f} MiB")
 
     ctx = scenarios.Context(ds=ds, ref=ref, scale=scale, work=opts.work, only=frozenset(opts.only),
                             timeout=opts.timeout, series_steps=opts.series_steps, series_files=opts.series_files,
@@ -125,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         pass
 
     summary = {t: {m: summarize(ss) for m, ss in per.items()} for t, per in samples.items()}
+    if fixed is not None:
+        fixed["first_backup_peak_tree_rss"] = summary.get("vaultflow", {}).get("first", {}).get("peak_tree_rss")
     total_s = time.perf_counter() - started
     console.print()
-    report.render(console, summary, opts.tools, opts.reps)
+    report.render(console, summary, opts.tools, opts.reps, fixed)
     console.print(f"total benchmark time {total_s:.1f} s")
 
     meta = _meta(opts, programs, ds, ref, scale, gen_s, total_s, order)
-    doc = {"meta": meta, "summary": summary, "ratios": ratios(summary),
+    doc: dict[str, object] = {"meta": meta, "vaultflow_fixed_rss": fixed, "summary": summary, "ratios": ratios(summary),
            "samples": {t: {m: [sample_dict(s) for s in ss] for m, ss in per.items()} for t, per in samples.items()}}
     _write(console, opts, doc, summary)
 
@@ -155,6 +170,8 @@ def _meta(opts: Options, programs: dict[str, install.Program], ds: datagen.DataS
         "data_set": {"key": ds.spec.key(), "path": str(ds.root), "spec": asdict(ds.spec),
                      "ref": asdict(ref), "scale": asdict(scale), "prepare_seconds": gen_s},
         "tool_order_per_rep": order,
+        "vaultflow_task_runner": vaultflow_task_runner() or "auto",
+        "vaultflow_env": {k: os.environ[k] for k in VAULTFLOW_ENV if k in os.environ},
         "measures": MEASURES,
         "method": " ".join((METHOD or "").split()),
         "total_seconds": total_s,

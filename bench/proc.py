@@ -1,9 +1,11 @@
 """Runs one command and measures it: wall time, user+sys CPU, peak RSS of the process tree, exit status.
 
 Method: the child is started in its own session and reaped with os.wait4, whose rusage covers the child and
-every descendant it waited for (CPU = ru_utime + ru_stime; ru_maxrss = the largest single process). A psutil
-poller sums RSS over the live process tree every 50 ms; its maximum is the reported peak tree RSS (an upper
-bound where forked processes share pages; a process living under 50 ms can be missed). Output goes to files,
+every descendant it waited for (CPU = ru_utime + ru_stime). A psutil poller sums RSS over the live process tree
+every 50 ms; its maximum is the reported peak tree RSS (an upper bound where forked processes share pages; a
+process living under 50 ms can be missed). The largest single process is the highest VmHWM the poller saw, or
+rusage's ru_maxrss when that exceeds the runner's own VmHWM: Linux carries the spawning process's high-water
+mark across fork+exec into ru_maxrss, so below that floor it says nothing about the child. Output goes to files,
 not pipes, so a daemon that inherits them cannot stall the run.
 """
 
@@ -50,10 +52,23 @@ class Run:
         return f"`{' '.join(self.argv)}` {why}: {tail}"
 
 
+def _hwm(pid: int | str) -> int | None:
+    """VmHWM (peak RSS since exec) of a live process from /proc, in bytes; None where /proc has none."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class _TreeRssPoller(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.peak = 0
+        self.max_hwm = 0
         self._stop_event = threading.Event()
         try:
             self._root: psutil.Process | None = psutil.Process(pid)
@@ -73,6 +88,7 @@ class _TreeRssPoller(threading.Thread):
                 total += p.memory_info().rss
             except psutil.Error:
                 pass
+            self.max_hwm = max(self.max_hwm, _hwm(p.pid) or 0)
         self.peak = max(self.peak, total)
 
     def run(self) -> None:
@@ -95,6 +111,7 @@ def run(argv: list[str], env: dict[str, str], cwd: Path | None = None, timeout: 
                                     start_new_session=True)
         except OSError as e:
             return Run(argv, 127, 0.0, 0.0, 0, 0, "", str(e), ok_codes=ok_codes)
+        floor = _hwm("self")  # ≥ what exec carried into the child's ru_maxrss (a high-water mark only grows)
         poller = _TreeRssPoller(proc.pid)
         poller.sample()
         poller.start()
@@ -104,6 +121,8 @@ def run(argv: list[str], env: dict[str, str], cwd: Path | None = None, timeout: 
         timer.cancel()
         poller.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+        ru_maxrss = usage.ru_maxrss * 1024
+        max_process = ru_maxrss if floor is None else max(poller.max_hwm, ru_maxrss if ru_maxrss > floor else 0)
         out.seek(0)
         err.seek(0)
         return Run(
@@ -112,7 +131,7 @@ def run(argv: list[str], env: dict[str, str], cwd: Path | None = None, timeout: 
             wall_s=wall,
             cpu_s=usage.ru_utime + usage.ru_stime,
             peak_tree_rss=poller.peak,
-            max_process_rss=usage.ru_maxrss * 1024,
+            max_process_rss=max_process,
             stdout=out.read().decode(errors="replace")[-20 * TAIL_CHARS:],
             stderr=err.read().decode(errors="replace")[-20 * TAIL_CHARS:],
             timed_out=timer.fired,

@@ -58,8 +58,10 @@ def _table(title: str, rows: list[tuple[str, str, Getter]], tools: list[str], su
     return table
 
 
-def render(console: Console, summary: Summary, tools: list[str], reps: int) -> None:
-    """Print every table; the caller prints the header with versions and the data set."""
+def render(console: Console, summary: Summary, tools: list[str], reps: int,
+           fixed: dict[str, Any] | None = None) -> None:
+    """Print every table; the caller prints the header with versions and the data set. `fixed`: the bare
+    import processes' RSS (bench.baseline.fixed_rss), shown against vaultflow's first backup."""
     measures = [m for m in MEASURES if any(m in summary.get(t, {}) for t in tools)]
 
     def per_measure(name: str, scale: float = 1.0) -> list[tuple[str, str, Getter]]:
@@ -72,16 +74,34 @@ def render(console: Console, summary: Summary, tools: list[str], reps: int) -> N
                          tools, summary, ".0f"))
     derived = [
         ("1 first backup, MB/s (higher: faster)", "first", _metric("mb_per_s")),
-        ("6 scale set, files/s (higher: faster)", "scale", _metric("files_per_s")),
+        ("6b scale first backup, files/s (higher: faster)", "scale_first", _metric("files_per_s")),
+        ("6 scale no-change, files/s (higher: faster)", "scale", _metric("files_per_s")),
+        ("6c scale restore, files/s (higher: faster)", "scale_restore", _metric("files_per_s")),
         ("repo after first backup, MiB", "first", _metric("repo_bytes", MiB)),
         ("repo after 1% append, MiB", "append", _metric("repo_bytes", MiB)),
-        ("scale-set repo, MiB", "scale", _metric("repo_bytes", MiB)),
+        ("scale-set repo after 6b, MiB", "scale_first", _metric("repo_bytes", MiB)),
+        ("scale-set repo after 6, MiB", "scale", _metric("repo_bytes", MiB)),
         ("incremental-series repo, MiB", "series", _metric("repo_bytes", MiB)),
     ]
     console.print(_table("Throughput and repository size (du --apparent-size)", derived, tools, summary, ".1f"))
+    _fixed_rss(console, fixed, summary.get("vaultflow", {}).get("first"))
     _prefect_split(console, summary.get("vaultflow", {}))
     _snapshots_target(console, summary.get("vaultflow", {}).get("snapshots"))
     _failures(console, summary)
+
+
+def _fixed_rss(console: Console, fixed: dict[str, Any] | None, first: dict[str, Any] | None) -> None:
+    if fixed is None:
+        return
+    if not fixed["ok"]:
+        console.print("fixed RSS of Prefect + imports: [red]failed[/red] (the error is in the JSON)")
+        return
+    rss, alone = fixed["prefect_and_imports_rss"], fixed["prefect_only_rss"]
+    peak = first["peak_tree_rss"] if first else None
+    of = (f"of vaultflow's peak tree RSS {peak / MiB:.0f} MiB in the first backup, {rss / peak:.0%}" if peak
+          else "vaultflow's first backup not measured")
+    prefect = f"; import prefect alone {alone / MiB:.0f} MiB" if alone else ""
+    console.print(f"fixed RSS of Prefect + imports: {rss / MiB:.0f} MiB ({of}{prefect})")
 
 
 def _prefect_split(console: Console, vf: dict[str, dict[str, Any]]) -> None:

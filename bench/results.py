@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.proc import Run
-from bench.tools import parse_vaultflow_timings
+from bench.tools import parse_agent_usage, parse_vaultflow_timings
 
 MEASURES: dict[str, str] = {
     "first": "1 first backup",
@@ -18,7 +18,9 @@ MEASURES: dict[str, str] = {
     "append": "3 backup, 1% appended",
     "check": "4 check, read all data",
     "restore": "5 full restore",
+    "scale_first": "6b first backup, scale set",
     "scale": "6 no-change, scale set",
+    "scale_restore": "6c full restore, scale set",
     "series": "7 incremental series",
     "snapshots": "8 list snapshots",
 }
@@ -44,17 +46,26 @@ class Sample:
 
     @classmethod
     def from_runs(cls, runs: list[Run]) -> Sample:
+        """Sums (wall, CPU) and maxima (RSS) over `runs`. A vaultflow command handed to its agent ran in a
+        process outside the measured tree; the agent's own rusage of it (printed under VAULTFLOW_TIMINGS) is
+        added: its CPU to the CPU, its peak RSS to the tree's peak and to the largest single process."""
         bad = next((r for r in runs if not r.ok), None)
         if bad is not None:
             return cls.failed(bad.error())
+        usage = [parse_agent_usage(r.stderr + "\n" + r.stdout) for r in runs]
+        agent_cpu = [u[0] if u else 0.0 for u in usage]
+        agent_rss = [u[1] if u else 0 for u in usage]
         sample = cls(
             ok=True,
             wall_s=sum(r.wall_s for r in runs),
-            cpu_s=sum(r.cpu_s for r in runs),
-            peak_tree_rss=max(r.peak_tree_rss for r in runs),
-            max_process_rss=max(r.max_process_rss for r in runs),
+            cpu_s=sum(r.cpu_s for r in runs) + sum(agent_cpu),
+            peak_tree_rss=max(r.peak_tree_rss + a for r, a in zip(runs, agent_rss, strict=True)),
+            max_process_rss=max(max(r.max_process_rss, a) for r, a in zip(runs, agent_rss, strict=True)),
             commands=len(runs),
         )
+        if any(usage):
+            sample.extra["agent_cpu_s"] = sum(agent_cpu)
+            sample.extra["agent_max_rss"] = max(agent_rss)
         timings = [parse_vaultflow_timings(r.stderr + "\n" + r.stdout) for r in runs]
         if timings and all(t is not None for t in timings):
             sample.extra["prefect_startup_s"] = sum(t[0] for t in timings if t)

@@ -1,8 +1,9 @@
 """The measured procedures: for one tool and one repetition, run measures 1-8 on fresh local repositories.
 
 Measures 1-5 and 8 share one repository (first backup, no-change, 1 % append, check, restore, snapshots);
-measure 6 (scale set) and 7 (evolving tree) each get their own. A step the others depend on that fails marks
-those others failed too, with the reason; nothing is retried or estimated.
+measures 6b, 6 and 6c (scale set: first backup, no-change, restore) share another; 7 (evolving tree) has its
+own. A step the others depend on that fails marks those others failed too, with the reason; nothing is retried
+or estimated.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from bench.results import Sample
 from bench.tools import ADAPTERS, Adapter, Cmd
 
 MAIN_CHAIN = ("first", "nochange", "append", "check", "restore", "snapshots")
+SCALE_CHAIN = ("scale_first", "scale", "scale_restore")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def main_chain(ctx: Context, name: str, exe: str, base: Path) -> dict[str, Sampl
 
 
 def _restore(run: _Runner, target: Path, expected: TreeStats) -> Sample:
+    """A full restore of the latest snapshot into the new folder `target`, which must then hold exactly
+    `expected` (file count and bytes); the folder is removed afterwards."""
     target.mkdir(parents=True)
     sample = Sample.from_runs([run("restore", run.a.restore(target))])
     got = tree_stats(target)
@@ -122,20 +126,32 @@ def _restore(run: _Runner, target: Path, expected: TreeStats) -> Sample:
     return sample
 
 
-def scale_set(ctx: Context, name: str, exe: str, base: Path) -> Sample:
-    """Measure 6: a no-change backup of the many-small-files set, after an (unmeasured) first backup."""
+def _per_file(sample: Sample, files: int) -> Sample:
+    if sample.ok and sample.wall_s:
+        sample.extra["files_per_s"] = files / sample.wall_s
+    return sample
+
+
+def scale_set(ctx: Context, name: str, exe: str, base: Path) -> dict[str, Sample]:
+    """Measures 6b, 6 and 6c on one repository of the many-small-files set: its first backup (always run, as
+    the others need it; measured when selected), a no-change backup, and a full restore of the latest snapshot."""
+    wanted = [m for m in SCALE_CHAIN if m in ctx.only]
     run = _Runner(ctx, _adapter(name, exe, base, "scale-repo"), f"{name} scale")
     err = _init(run)
     if err:
-        return Sample.failed(err)
-    first, _ = _backup(run, "first", ctx.ds.scale)
+        return {m: Sample.failed(err) for m in wanted}
+    out: dict[str, Sample] = {}
+    first = _per_file(_backup(run, "first", ctx.ds.scale)[0], ctx.scale.files)
+    if "scale_first" in ctx.only:
+        out["scale_first"] = first
     if not first.ok:
-        return Sample.failed("skipped: first backup of the scale set failed: " + (first.error or ""))
-    sample, _ = _backup(run, "nochange", ctx.ds.scale)
-    if sample.ok and sample.wall_s:
-        sample.extra["files_per_s"] = ctx.scale.files / sample.wall_s
-        sample.extra["first_backup_s"] = first.wall_s or 0.0
-    return sample
+        why = "skipped: first backup of the scale set failed: " + (first.error or "")
+        return out | {m: Sample.failed(why) for m in wanted if m != "scale_first"}
+    if "scale" in ctx.only:
+        out["scale"] = _per_file(_backup(run, "nochange", ctx.ds.scale)[0], ctx.scale.files)
+    if "scale_restore" in ctx.only:
+        out["scale_restore"] = _per_file(_restore(run, base / "scale-restore", ctx.scale), ctx.scale.files)
+    return out
 
 
 def series(ctx: Context, name: str, exe: str, base: Path) -> Sample:
@@ -172,8 +188,8 @@ def run_tool(ctx: Context, name: str, exe: str, rep: int) -> dict[str, Sample]:
     try:
         if ctx.only & set(MAIN_CHAIN):
             out |= main_chain(ctx, name, exe, base)
-        if "scale" in ctx.only:
-            out["scale"] = scale_set(ctx, name, exe, base)
+        if ctx.only & set(SCALE_CHAIN):
+            out |= scale_set(ctx, name, exe, base)
         if "series" in ctx.only:
             out["series"] = series(ctx, name, exe, base)
     finally:

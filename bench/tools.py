@@ -1,7 +1,7 @@
 """How each program under test is driven: one adapter per tool, bound to one local repository.
 
 An adapter only builds command lines and environments (run and measured by bench.proc); it holds the per-repo
-state a tool needs (borg's archive names). Also parses vaultflow's optional timing line.
+state a tool needs (borg's archive names). Also parses vaultflow's optional timing and agent-usage lines.
 """
 
 from __future__ import annotations
@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PASSWORD = "vaultflow-bench-password"
+TASK_RUNNER_ENV = "VAULTFLOW_BENCH_TASK_RUNNER"  # when set: `--task-runner VALUE` on vaultflow's flow commands
+
+
+def vaultflow_task_runner() -> str | None:
+    """The `--task-runner` the benchmark passes to vaultflow (None: the CLI's default, auto)."""
+    return os.environ.get(TASK_RUNNER_ENV, "").strip() or None
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,11 @@ class Vaultflow(Adapter):
     name = "vaultflow"
     SOURCE = "bench"
 
+    def __init__(self, exe: str, repo: Path, home: Path) -> None:
+        super().__init__(exe, repo, home)
+        runner = vaultflow_task_runner()
+        self._runner = ["--task-runner", runner] if runner else []
+
     def _env(self) -> dict[str, str]:
         return {"VAULTFLOW_REPOSITORY": str(self.repo), "VAULTFLOW_PASSWORD": PASSWORD, "VAULTFLOW_TIMINGS": "1"}
 
@@ -123,13 +134,13 @@ class Vaultflow(Adapter):
         return Cmd([self.exe, "init"])
 
     def backup(self, path: Path) -> Cmd:
-        return Cmd([self.exe, "backup", str(path), "--source", self.SOURCE])
+        return Cmd([self.exe, "backup", str(path), "--source", self.SOURCE, *self._runner])
 
     def check(self) -> Cmd:
-        return Cmd([self.exe, "check", "--read-data"])
+        return Cmd([self.exe, "check", "--read-data", *self._runner])
 
     def restore(self, target: Path) -> Cmd:
-        return Cmd([self.exe, "restore", "latest", str(target)])
+        return Cmd([self.exe, "restore", "latest", str(target), *self._runner])
 
     def snapshots(self) -> Cmd:
         return Cmd([self.exe, "snapshots"])
@@ -140,6 +151,8 @@ ADAPTERS: dict[str, type[Adapter]] = {"vaultflow": Vaultflow, "restic": Restic, 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _TIMING = re.compile(rf"prefect_startup_seconds\s*[=:]\s*[\"']?({_NUM})"
                      rf"[\s\S]*?pipeline_seconds\s*[=:]\s*[\"']?({_NUM})")
+_AGENT_CPU = re.compile(rf"\bagent_cpu_seconds=({_NUM})")
+_AGENT_RSS = re.compile(rf"\bagent_max_rss_kb=({_NUM})")
 
 
 def parse_vaultflow_timings(text: str) -> tuple[float, float] | None:
@@ -149,4 +162,16 @@ def parse_vaultflow_timings(text: str) -> tuple[float, float] | None:
         m = _TIMING.search(line)
         if m:
             found = (float(m.group(1)), float(m.group(2)))
+    return found
+
+
+def parse_agent_usage(text: str) -> tuple[float, int] | None:
+    """(cpu seconds, peak RSS bytes) of the vaultflow agent's process that ran the command, from the
+    `agent_cpu_seconds=X agent_max_rss_kb=Y` line the CLI prints under VAULTFLOW_TIMINGS; None when the command
+    ran in the CLI's own process tree."""
+    found = None
+    for line in text.splitlines():
+        cpu, rss = _AGENT_CPU.search(line), _AGENT_RSS.search(line)
+        if cpu and rss:
+            found = (float(cpu.group(1)), int(float(rss.group(1)) * 1024))
     return found
