@@ -18,8 +18,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from vaultflow.storage.repository import Repository
 
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
+    if not -7 <= args.compression_level <= 19:
+        raise VaultflowError(f"--compression-level {args.compression_level}: zstd levels run from -7 to 19")
     repo = Repository.init(s.url, s.password(confirm=True), storage_options=s.storage_options,
-                           private_manifests=args.private_manifests)
+                           private_manifests=args.private_manifests, compression_level=args.compression_level)
     print(f"created vaultflow repository {repo.config.id} at {repo.url}")
     print("keep the password safe: without it the data cannot be read back")
     return 0
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", parents=[common], help="create a repository")
     init.add_argument("--private-manifests", action="store_true",
                       help="encrypt manifests (paths) too; analysts then need vaultflow to read them")
+    init.add_argument("--compression-level", type=int, default=1, metavar="N",
+                      help="zstd level for data, -7 (fastest) to 19 (smallest); default 1")
     init.set_defaults(func=cmd_init)
 
     key = sub.add_parser("key", parents=[common], help="manage the repository's passwords (key files)")

@@ -69,3 +69,14 @@ def test_default_repository_lives_under_vaultflow_home(tmp_path):
     env = {"VAULTFLOW_HOME": str(tmp_path / "home"), "VAULTFLOW_PASSWORD": "pw", "VAULTFLOW_REPOSITORY": ""}
     run(["init"], env)
     Repository.open(str(tmp_path / "home" / "repo"), "pw")
+
+
+def test_new_repositories_compress_at_level_1_unless_init_says_otherwise(tmp_path):
+    env = {"VAULTFLOW_PASSWORD": "pw", "VAULTFLOW_HOME": str(tmp_path)}
+    run(["init", "-r", str(tmp_path / "default")], env)
+    assert Repository.open(str(tmp_path / "default"), "pw").config.compression_level == 1
+    run(["init", "-r", str(tmp_path / "small"), "--compression-level", "19"], env)
+    assert Repository.open(str(tmp_path / "small"), "pw").config.compression_level == 19
+    bad = run(["init", "-r", str(tmp_path / "bad"), "--compression-level", "40"], env, check=False)
+    assert bad.returncode == 1 and "zstd levels run from -7 to 19" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
