@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     from . import run
 
     run.add_parsers(sub, common)
+    for name in ("backup", "restore", "check", "restore-test"):
+        sub.choices[name].add_argument(
+            "--task-runner", metavar="RUNNER", default=None,
+            help="where batches run: auto (default: worker processes for large runs, else threads), threads, "
+                 "processes, or dask://HOST:PORT of a Dask scheduler (env VAULTFLOW_TASK_RUNNER)")
 
     snaps = sub.add_parser("snapshots", parents=[common], help="list snapshots (no Prefect involved)")
     snaps.add_argument("--json", action="store_true", help="machine-readable output")

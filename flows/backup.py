@@ -14,10 +14,13 @@ from prefect import flow, unmapped
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.storage.manifest import check_source_name
 from vaultflow.storage.snapshot import utc_now
-from vaultflow.tasks import context, progress, runs
+from vaultflow.tasks import context, progress, runner, runs
 from vaultflow.tasks.backup import (
+    BatchResult,
+    batch_files,
     commit_snapshot,
     find_lineage,
+    keep_results,
     open_repository,
     plan_changes,
     process_batch,
@@ -25,7 +28,6 @@ from vaultflow.tasks.backup import (
     write_manifest,
 )
 from vaultflow.tasks.report import BackupSummary, report
-from vaultflow.tasks.runner import thread_runner
 from vaultflow.tasks.sources.filesystem import discover, source_root
 from vaultflow.tasks.sources.fsspec_tree import is_url
 from vaultflow.tasks.witness import publish_commit
@@ -42,15 +44,16 @@ def default_source_name(paths: list[str]) -> str:
     return slug[:128] or "root"
 
 
-@flow(name="backup", task_runner=thread_runner())
+@flow(name="backup", task_runner=runner.thread_runner())
 def backup(paths: list[str], source: str | None = None, repository: str | None = None, full: bool = False,
            excludes: list[str] | None = None, error_budget: int = 100, verify_sample: int = 8,
-           password_secret: str | None = None, lock_wait: float = 0.0) -> BackupSummary:
+           password_secret: str | None = None, lock_wait: float = 0.0, task_runner: str = "auto") -> BackupSummary:
     """Back up the trees and files at `paths` as a new snapshot of `source` (default: named after the paths).
 
     One directory is stored relative to itself; several paths relative to their common folder, so a restore
     recreates them side by side. Another backup of the same source holding the lock is waited for up to
-    `lock_wait` seconds, then the run fails clearly: two backups of one source never interleave."""
+    `lock_wait` seconds, then the run fails clearly: two backups of one source never interleave.
+    `task_runner`: where the batches run — auto, threads, processes or dask://HOST:PORT (tasks/runner.py)."""
     t0 = time.monotonic()
     paths = [p if is_url(p) else os.path.abspath(p) for p in paths]
     source = check_source_name(source or default_source_name(paths))
@@ -66,17 +69,33 @@ def backup(paths: list[str], source: str | None = None, repository: str | None =
             listing = discover(run, paths, excludes or [])
             state.session = state.repo.write_session()
             adopted = state.session.adopt_orphan_packs()  # and forgets lost packs, before the plan trusts them
+            # Workers open the repository themselves: they must not trust packs found lost, and they must see
+            # the leftovers just adopted (indexed now, so a worker's index has them and does not store them again).
+            run = run.model_copy(update={"lost_packs": tuple(state.session.missing_packs)})
+            state.session.write_index()
             plan = plan_changes(run, listing.listing, parent, full)
             progress.start(run, plan.bytes_to_read, plan.files_to_read)
-            batches = process_batch.map(unmapped(run), unmapped(listing.root), [b[0] for b in plan.batches],
-                                        [b[1] for b in plan.batches])
-            read = [b.result() for b in batches]
+            read_list = context.read_ipc(state.scratch / "read.arrow")
+            done: list[BatchResult] = []
+            with runner.pool(task_runner, plan.bytes_to_read) as pool:
+                futures = runner.map_tasks(pool, process_batch, run=unmapped(run), root=unmapped(listing.root),
+                                           start=[b[0] for b in plan.batches],
+                                           files=[batch_files(read_list, *b) for b in plan.batches])
+                for future in runner.as_completed(futures):
+                    batch = future.result()
+                    progress.advance(run, batch.stats["bytes_read"], batch.stats["files"])
+                    done.append(batch)
+            del read_list
+            totals = keep_results(run, done)
             serial = lineage.serial
-            written = write_manifest(run, source, serial, listing.errors)
+            written = write_manifest(run, source, serial, listing.errors,
+                                     [name for b in done for name in b.index_files])
             s = state.session.stats
-            stats = {**written.stats, "bytes_read": sum(b["bytes_read"] for b in read),
-                     "bytes_added": s.bytes_new_raw, "bytes_stored": s.bytes_new_stored,
-                     "packs_uploaded": s.packs_uploaded, "packs_adopted": adopted}
+            stats = {**written.stats, "bytes_read": totals.get("bytes_read", 0),
+                     "bytes_added": totals.get("bytes_added", 0) + s.bytes_new_raw,
+                     "bytes_stored": totals.get("bytes_stored", 0) + s.bytes_new_stored,
+                     "packs_uploaded": totals.get("packs_uploaded", 0) + s.packs_uploaded, "packs_adopted": adopted,
+                     "blobs_duplicate": totals.get("blobs_duplicate", 0)}
             snapshot = commit_snapshot(run, source, serial, parent, lineage.previous, started, utc_now(), paths,
                                        written, stats)
             publish_commit(run, source, serial, snapshot)

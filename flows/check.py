@@ -12,10 +12,9 @@ from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from vaultflow.storage.errors import VaultflowError
-from vaultflow.tasks import context, runs
+from vaultflow.tasks import context, runner, runs
 from vaultflow.tasks.backup import open_repository
-from vaultflow.tasks.check import check_affected, check_packs, check_structure, check_witnesses
-from vaultflow.tasks.runner import thread_runner
+from vaultflow.tasks.check import check_affected, check_packs, check_structure, check_witnesses, record_packs
 
 
 class CheckFailed(VaultflowError):
@@ -26,16 +25,20 @@ class CheckFailed(VaultflowError):
                          f"{first['message']}")
 
 
-@flow(name="check", task_runner=thread_runner())
+@flow(name="check", task_runner=runner.thread_runner())
 def check(read_data: bool = False, read_data_subset: str | None = None, repository: str | None = None,
-          password_secret: str | None = None) -> dict[str, Any]:
-    """Verify the repository's structure and, with read_data or a subset (`N%`, `K/N`), its bytes."""
+          password_secret: str | None = None, task_runner: str = "auto") -> dict[str, Any]:
+    """Verify the repository's structure and, with read_data or a subset (`N%`, `K/N`), its bytes; pack batches
+    are read where `task_runner` says (auto, threads, processes or dask://HOST:PORT)."""
     run = open_repository(repository, password_secret)
     try:
         with context.get(run).repo.lock(purpose="check", run=runs.current()) as lock:
             runs.mark_crashed(lock.removed)
             structure = check_structure(run, read_data, read_data_subset)
-            [f.result() for f in check_packs.map(unmapped(run), structure.pack_batches)]
+            with runner.pool(task_runner, structure.bytes) as pool:
+                for future in runner.as_completed(runner.map_tasks(pool, check_packs, run=unmapped(run),
+                                                                   packs=structure.pack_batches)):
+                    record_packs(run, future.result())
             witnesses = check_witnesses(run)
             report = check_affected(run)
     finally:

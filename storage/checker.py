@@ -221,20 +221,17 @@ class Checker:
         return [p for p in packs if int(p.rsplit("/", 1)[-1][:8], 16) % n == k - 1]
 
     def read_packs(self, packs: list[str]) -> list[Problem]:
-        """Read and authenticate whole packs: content hash, trailer, every blob and its chunk id."""
-        found: list[Problem] = []
-        for pack in packs:
-            try:
-                reader, entries, data = self.repo.read_pack(pack)
-                self.report.bytes_read += len(data)
-                view = memoryview(data)
-                for entry in entries:
-                    self.repo.verify_chunk(reader.blob(view[entry.offset:entry.offset + entry.length], entry),
-                                           entry, pack)
-            except (IntegrityError, ObjectMissing) as e:
-                found.append(Problem("pack", pack, str(e)))
-                self._mark_pack_bad(pack)
-            self.report.packs_read += 1
+        """Read and authenticate whole packs here (see `read_packs` for reading them anywhere)."""
+        damaged, nbytes = read_packs(self.repo, packs)
+        return self.record_read(len(packs), nbytes, damaged)
+
+    def record_read(self, packs_read: int, nbytes: int, damaged: list[tuple[str, str]]) -> list[Problem]:
+        """Count packs that `read_packs` read (perhaps in another process) and record the damaged ones."""
+        found = [Problem("pack", pack, message) for pack, message in damaged]
+        for pack, _ in damaged:
+            self._mark_pack_bad(pack)
+        self.report.packs_read += packs_read
+        self.report.bytes_read += nbytes
         self.report.problems.extend(found)
         return found
 
@@ -274,6 +271,23 @@ class Checker:
 
 _SNAPSHOT_TABLE = re.compile(r"^tables/snapshots/source=([^/]+)/snapshot=([1-9][0-9]{0,18})/snapshot\.parquet$")
 _MAX_TABLE = 1 << 20
+
+
+def read_packs(repo: Repository, packs: list[str]) -> tuple[list[tuple[str, str]], int]:
+    """Read and authenticate whole packs — content hash, trailer, every blob and its chunk id — needing nothing
+    but the open repository (no index): (damaged packs with what is wrong, bytes read)."""
+    damaged: list[tuple[str, str]] = []
+    nbytes = 0
+    for pack in packs:
+        try:
+            reader, entries, data = repo.read_pack(pack)
+            nbytes += len(data)
+            view = memoryview(data)
+            for entry in entries:
+                repo.verify_chunk(reader.blob(view[entry.offset:entry.offset + entry.length], entry), entry, pack)
+        except (IntegrityError, ObjectMissing) as e:
+            damaged.append((pack, str(e)))
+    return damaged, nbytes
 
 
 def rebuild_index(repo: Repository) -> tuple[int, int, list[str]]:

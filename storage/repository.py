@@ -291,6 +291,11 @@ class Repository:
         with self._index_lock:
             self._index = None
 
+    def use_index(self, index: Index) -> None:
+        """Adopt an index just built from storage (`build_index`), e.g. after other processes added packs."""
+        with self._index_lock:
+            self._index = index
+
     def write_session(self) -> WriteSession:
         return WriteSession(self)
 

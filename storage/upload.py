@@ -31,12 +31,15 @@ class SessionStats:
 
 
 class WriteSession:
-    """Shared by the threads of one backup; `Packer`s from `packer()` do the work, one per thread."""
+    """One per backup batch (or per flow, for adopting leftovers); `Packer`s from `packer()` do the work, one per
+    thread. Sessions of one run may run in different processes or machines: each writes its own packs and
+    index files, and two may store the same blob (harmless: the index keeps one, prune drops the other)."""
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
         self.stats = SessionStats()
         self.index_files: list[str] = []
+        self.blob_ids: list[bytes] = []  # every blob this session stored, in upload order
         self._lock = threading.Lock()
         self._reserved: set[bytes] = set()
         self._unindexed: dict[str, list[PackEntry]] = {}  # uploaded or adopted, not yet in an index file
@@ -152,6 +155,7 @@ class WriteSession:
             self.stats.packs_uploaded += 1
             self.stats.bytes_uploaded += len(data)
             self.stats.blobs_new += len(writer.entries)
+            self.blob_ids.extend(e.id for e in writer.entries)
             self.stats.bytes_new_raw += sum(e.raw_length for e in writer.entries)
             self.stats.bytes_new_stored += sum(e.length for e in writer.entries)
             write_index = len(self._unindexed) >= self._index_every

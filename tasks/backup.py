@@ -23,7 +23,7 @@ from vaultflow.storage.index import Index
 from vaultflow.storage.repository import Repository
 from vaultflow.storage.snapshot import SnapshotRecord, parse_utc
 
-from . import context, progress, settings, witness
+from . import context, settings, witness
 from .retry import RETRY
 from .sources.fsspec_tree import FsspecTree, is_url
 
@@ -54,12 +54,13 @@ class Manifest(BaseModel):
 
 
 @task(**RETRY, **TASK)
-def open_repository(repository: str | None, password_secret: str | None) -> str:
-    """Open the repository once for the run; tasks find it again by the returned key."""
+def open_repository(repository: str | None, password_secret: str | None) -> context.Run:
+    """Open the repository once for the run in the flow's process. The returned `Run` names the repository and
+    where the password comes from (never the password): mapped tasks elsewhere open it from that."""
     s = settings.resolve(repository, None, password_secret)
     repo = context.take_preopened(s.url) or Repository.open(s.url, s.password(), storage_options=s.storage_options)
     get_run_logger().info("opened repository %s at %s", repo.config.id, settings.redact(repo.url))
-    return context.register(repo)
+    return context.register(repo, s.password_file, s.password_secret)
 
 
 class Lineage(BaseModel):
@@ -69,7 +70,7 @@ class Lineage(BaseModel):
 
 
 @task(**TASK)
-def find_lineage(run: str, source: str) -> Lineage:
+def find_lineage(run: context.Run, source: str) -> Lineage:
     """The latest snapshot of `source` by serial (change detection compares against its manifest), and the
     serial and chain link of the new one: never a serial that a damaged record or this machine's witness
     already saw, so a rolled-back or damaged head leaves a gap that check reports, never a fork."""
@@ -101,7 +102,7 @@ def find_lineage(run: str, source: str) -> Lineage:
 
 
 @task(**TASK)
-def plan_changes(run: str, listing_path: str, parent: Parent | None, full: bool,
+def plan_changes(run: context.Run, listing_path: str, parent: Parent | None, full: bool,
                  batch_bytes: int = 64 << 20, batch_files: int = 2048) -> Plan:
     """Join the listing with the parent manifest; write the plan and the files to read to scratch."""
     state = context.get(run)
@@ -136,36 +137,79 @@ def _reread_lost(plan: pa.Table, index: Index) -> pa.Table:
     return plan.set_column(plan.column_names.index("read"), "read", pc.or_(plan["read"], pa.array(reread)))
 
 
+class BatchResult(BaseModel):
+    """What one batch hands back: small metadata only (its file data went into packs in the repository)."""
+
+    start: int  # the batch's first row in the files to read: results are put back in order
+    results: bytes  # Arrow IPC of archiver.RESULT_SCHEMA, one row per file: hashes and chunk lists
+    index_files: list[str]  # the index files this batch wrote for its packs (durable before it returned)
+    blob_ids: bytes  # the ids of the blobs it stored, 32 bytes each: two workers may store the same one
+    stats: dict[str, int]
+
+
+def batch_files(read: pa.Table, start: int, end: int) -> bytes:
+    """One batch's file list, as the mapped task receives it: keys, display paths and listed identities."""
+    return context.table_to_bytes(read.slice(start, end - start).select(["key", "path", "dev", "inode"]))
+
+
 @task(**RETRY, **TASK)
-def process_batch(run: str, root: str, start: int, end: int) -> dict[str, int]:
-    """Read, chunk, hash, compress, encrypt and pack one batch of files; results go to scratch."""
-    state = context.get(run)
-    assert state.session is not None
-    read = context.read_ipc(state.scratch / "read.arrow").slice(start, end - start)
+def process_batch(run: context.Run, root: str, start: int, files: bytes) -> BatchResult:
+    """Read, chunk, hash, compress, encrypt and pack one batch of files, in whatever process or machine the task
+    runner chose. The batch has its own write session: its last pack is uploaded and its index file written
+    before it returns, so nothing it stored depends on another process."""
+    repo = context.repository(run)
+    read = context.table_from_bytes(files)
     remote = FsspecTree(root, settings.source_storage_options()) if is_url(root) else None
     idents = None if remote else list(zip(read["dev"].to_pylist(), read["inode"].to_pylist(), strict=True))
-    results, stats = archiver.archive_files(state.repo, state.session, root, read["key"].to_pylist(), remote, idents)
-    context.write_ipc(results, state.scratch / f"result-{start:012d}.arrow")
-    progress.advance(run, stats.bytes_read, stats.files)
+    session = repo.write_session()
+    try:
+        results, stats = archiver.archive_files(repo, session, root, read["key"].to_pylist(), remote, idents)
+        session.flush()
+        index_files = session.write_index()
+    finally:
+        session.close()
     if stats.errors:
         logger = get_run_logger()
         for path, err in zip(read["path"].to_pylist(), results["error"].to_pylist(), strict=True):
             if err:
                 logger.warning("%s: %s", path, err)
-    return stats.__dict__
+    s = session.stats
+    return BatchResult(start=start, results=context.table_to_bytes(results), index_files=index_files,
+                       blob_ids=b"".join(session.blob_ids),
+                       stats={**stats.__dict__, "blobs_new": s.blobs_new, "bytes_added": s.bytes_new_raw,
+                              "bytes_stored": s.bytes_new_stored, "packs_uploaded": s.packs_uploaded})
+
+
+def keep_results(run: context.Run, done: list[BatchResult]) -> dict[str, int]:
+    """Put the batches' results on the flow's scratch for write_manifest; returns their summed stats, with the
+    blobs that more than one batch stored counted as `blobs_duplicate` (prune removes the extra copies)."""
+    scratch = context.get(run).scratch
+    totals: dict[str, int] = {}
+    ids: set[bytes] = set()
+    stored = 0
+    for b in done:
+        context.write_ipc(context.table_from_bytes(b.results), scratch / f"result-{b.start:012d}.arrow")
+        for k, v in b.stats.items():
+            totals[k] = totals.get(k, 0) + v
+        ids.update(b.blob_ids[i:i + 32] for i in range(0, len(b.blob_ids), 32))
+        stored += len(b.blob_ids) // 32
+    totals["blobs_duplicate"] = stored - len(ids)
+    return totals
 
 
 @task(**RETRY, **TASK)
-def write_manifest(run: str, source: str, serial: int, discover_errors: list[tuple[str, str]]) -> Manifest:
-    """Upload the last packs and the index, verify every referenced chunk is indexed, then write manifests.
+def write_manifest(run: context.Run, source: str, serial: int, discover_errors: list[tuple[str, str]],
+                   batch_index_files: list[str]) -> Manifest:
+    """Upload the flow's own last packs and index, verify every referenced chunk is indexed, then write manifests.
 
-    `discover_errors` are (hex of the exact path bytes, message) from the listing.
+    `discover_errors` are (hex of the exact path bytes, message) from the listing; `batch_index_files` the index
+    files the batches wrote.
     """
     state = context.get(run)
     repo, session = state.repo, state.session
     assert session is not None
     session.flush()
-    index_files = session.write_index()
+    index_files = sorted(set(session.write_index()) | set(batch_index_files))
     plan = context.read_ipc(state.scratch / "plan.arrow")
     read_rows = plan.filter(plan["read"])
     parts = sorted(state.scratch.glob("result-*.arrow"))
@@ -173,7 +217,7 @@ def write_manifest(run: str, source: str, serial: int, discover_errors: list[tup
         else archiver.RESULT_SCHEMA.empty_table()
     files = archiver.files_table(plan, read_rows, results)
     chunks = pc.list_flatten(files["chunks"]).unique()
-    _verify_indexed(repo, chunks.to_pylist())
+    _verify_indexed(repo, chunks.to_pylist(), run.lost_packs)
 
     objects: dict[str, str] = {}
     data = manifest.to_parquet(files)
@@ -199,18 +243,23 @@ def write_manifest(run: str, source: str, serial: int, discover_errors: list[tup
     return Manifest(objects=objects, index_files=index_files, stats=stats, chunks=len(chunks))
 
 
-def _verify_indexed(repo: Repository, chunk_ids: list[bytes]) -> None:
-    """Every chunk the manifest references must be in the index as stored (not just in memory)."""
+def _verify_indexed(repo: Repository, chunk_ids: list[bytes], lost_packs: tuple[str, ...]) -> None:
+    """Every chunk the manifest references must be in the index as stored (not just in memory: the batches
+    wrote their index files in other processes, perhaps on other machines), and not only in a lost pack.
+    The repository then uses that index (verify_snapshot reads through it)."""
     fresh = repo.build_index()
+    if lost_packs:
+        fresh.drop_packs(set(lost_packs))
     missing = [c for c, ok in zip(chunk_ids, fresh.contains_many(chunk_ids), strict=True) if not ok]
     if missing:
         raise ObjectMissing(f"{len(missing)} chunks referenced by the new manifest are in no index file "
                             f"(first: {missing[0].hex()}); the snapshot was not committed")
+    repo.use_index(fresh)
 
 
 @task(**RETRY, **TASK)
-def commit_snapshot(run: str, source: str, serial: int, parent: Parent | None, previous: str | None, started: str,
-                    finished: str, paths: list[str], written: Manifest, stats: dict[str, int]) -> str:
+def commit_snapshot(run: context.Run, source: str, serial: int, parent: Parent | None, previous: str | None,
+                    started: str, finished: str, paths: list[str], written: Manifest, stats: dict[str, int]) -> str:
     """Write the snapshot record: the commit point. Returns the snapshot id.
 
     Idempotent: the record's content is fixed by the parameters (the flow takes `finished` before calling), so
@@ -249,7 +298,7 @@ def _write_snapshot_row(repo: Repository, rid: str, record: SnapshotRecord) -> N
 
 
 @task(**TASK)
-def verify_snapshot(run: str, snapshot: str, sample: int) -> int:
+def verify_snapshot(run: context.Run, snapshot: str, sample: int) -> int:
     """Read back up to `sample` random chunks of the new snapshot and check their keyed hashes."""
     if sample <= 0:
         return 0

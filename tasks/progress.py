@@ -9,6 +9,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .context import Run
 
 Listener = Callable[[int, int, int, int], None]  # (bytes done, bytes total, files done, files total)
 
@@ -37,20 +41,20 @@ def set_listener(listener: Listener | None) -> None:
             _listener.append(listener)
 
 
-def start(run: str, bytes_total: int, files_total: int, key: str = "backup-progress",
+def start(run: Run, bytes_total: int, files_total: int, key: str = "backup-progress",
           description: str = "bytes read of the files that changed") -> None:
     from prefect.artifacts import create_progress_artifact
 
     artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
     with _lock:
-        _runs[run] = _Progress(bytes_total, files_total, artifact_id=artifact_id)
+        _runs[run.session] = _Progress(bytes_total, files_total, artifact_id=artifact_id)
     _notify(run)
 
 
-def advance(run: str, nbytes: int, nfiles: int) -> None:
+def advance(run: Run, nbytes: int, nfiles: int) -> None:
     """Count work done; the artifact is updated at most every ARTIFACT_EVERY seconds (each is an API call)."""
     with _lock:
-        p = _runs.get(run)
+        p = _runs.get(run.session)
         if p is None:
             return
         p.bytes_done += nbytes
@@ -66,9 +70,9 @@ def advance(run: str, nbytes: int, nfiles: int) -> None:
         update_progress_artifact(artifact_id=p.artifact_id, progress=_percent(p))  # type: ignore[arg-type]
 
 
-def finish(run: str) -> None:
+def finish(run: Run) -> None:
     with _lock:
-        _runs.pop(run, None)
+        _runs.pop(run.session, None)
 
 
 def _percent(p: _Progress) -> float:
@@ -77,9 +81,9 @@ def _percent(p: _Progress) -> float:
     return 100.0 if p.files_done >= p.files_total else 100.0 * p.files_done / max(p.files_total, 1)
 
 
-def _notify(run: str) -> None:
+def _notify(run: Run) -> None:
     with _lock:
-        p = _runs.get(run)
+        p = _runs.get(run.session)
         listeners = list(_listener)
     if p is not None:
         for fn in listeners:

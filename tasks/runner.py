@@ -1,15 +1,41 @@
-"""How many tasks of one flow run at once on this machine.
+"""Where a flow's mapped tasks run: threads of the flow's process, worker processes of this machine, or a Dask
+cluster. One runbook, three runners; the flow chooses after planning, when it knows how much work there is.
 
-One task per core: hashing, zstd and AES release the GIL, and measured on 2 cores a second task per core
-made a backup slower (6.2 s instead of 5.9 s for 1.47 GB) and 150 MB larger; VAULTFLOW_WORKERS overrides
-(raise it for high-latency object stores, where tasks wait on the network).
+`task_runner` (a flow parameter, `--task-runner` on the CLI, a deployment setting):
+- `auto` (default): worker processes when the planned bytes make them pay, threads otherwise;
+- `threads`: the flow's own thread pool (hashing, zstd and AES release the GIL, but Python's share does not);
+- `processes`: Prefect's ProcessPoolTaskRunner, one worker process per core (spawned: ~1–2 s to start);
+- `dask://HOST:PORT` (or `tcp://…`): an existing Dask scheduler; its workers must import vaultflow and reach
+  the sources, the repository and, for restores, the target (see README, "Running on a Dask cluster").
+
+Threads: one task per core. Measured on 2 cores, a second task per core made a backup slower (6.2 s instead
+of 5.9 s for 1.47 GB) and 150 MB larger; VAULTFLOW_WORKERS overrides (raise it for high-latency object
+stores, where tasks wait on the network).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from vaultflow.storage.errors import VaultflowError
+
+# Below this many planned bytes, starting worker processes (spawn, imports, one key derivation each) costs more
+# than the GIL does: measured in docs/startup.md ("Task runners").
+PROCESSES_PAY_FROM = 256 << 20
+ENV_RUNNER = "VAULTFLOW_TASK_RUNNER"
+
+# A restore's workers write into files the flow created: spawning them costs the same, and the work per byte
+# is smaller (no chunking or compression), so processes pay only for much larger restores.
+RESTORE_PROCESSES_PAY_FROM = 4 << 30
+
+__all__ = ["PROCESSES_PAY_FROM", "RESTORE_PROCESSES_PAY_FROM", "as_completed", "choose", "map_tasks", "pool",
+           "thread_runner", "workers"]
 
 
 def workers(per_core: int = 1) -> int:
@@ -21,3 +47,46 @@ def workers(per_core: int = 1) -> int:
 
 def thread_runner(per_core: int = 1) -> ThreadPoolTaskRunner:  # type: ignore[type-arg]
     return ThreadPoolTaskRunner(max_workers=workers(per_core))
+
+
+def choose(spec: str | None, planned_bytes: int, pays_from: int = PROCESSES_PAY_FROM) -> str:
+    """`threads`, `processes` or a Dask address, from the flow parameter (or VAULTFLOW_TASK_RUNNER) and the
+    planned work: `auto` takes processes from `pays_from` bytes on."""
+    if not spec or spec == "auto":  # the flow's default defers to the machine's setting
+        spec = os.environ.get(ENV_RUNNER) or "auto"
+    spec = spec.strip()
+    if spec == "auto":
+        return "processes" if planned_bytes >= pays_from and workers() > 1 else "threads"
+    if spec in ("threads", "processes"):
+        return spec
+    if spec.startswith(("dask://", "tcp://", "tls://")):
+        return "tcp://" + spec.removeprefix("dask://") if spec.startswith("dask://") else spec
+    raise VaultflowError(f"task runner {spec!r}: use auto, threads, processes, or dask://HOST:PORT")
+
+
+@contextlib.contextmanager
+def pool(spec: str | None, planned_bytes: int,
+         pays_from: int = PROCESSES_PAY_FROM) -> Iterator[TaskRunner | None]:  # type: ignore[type-arg]
+    """A started task runner for the mapped tasks, or None for the flow's own thread pool."""
+    chosen = choose(spec, planned_bytes, pays_from)
+    if chosen == "threads":
+        yield None
+        return
+    runner: TaskRunner  # type: ignore[type-arg]
+    if chosen == "processes":
+        runner = ProcessPoolTaskRunner(max_workers=workers())
+    else:
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise VaultflowError("a Dask task runner needs prefect-dask: pip install 'vaultflow[dask]'") from None
+        runner = DaskTaskRunner(address=chosen)
+    with runner:
+        yield runner
+
+
+def map_tasks(runner: TaskRunner | None, task: Any, **parameters: Any) -> list[PrefectFuture[Any]]:  # type: ignore[type-arg]
+    """`task.map(**parameters)` on `runner` (None: the flow's own task runner)."""
+    if runner is None:
+        return list(task.map(**parameters))
+    return list(runner.map(task, parameters))

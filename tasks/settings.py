@@ -105,8 +105,9 @@ def resolve(repo: str | None, password_file: str | None, password_secret: str | 
     )
 
 
-def read_password(password_file: str | None, secret_block: str | None, *, confirm: bool = False) -> str:
-    """The repository password, from the first source that is set."""
+def read_password(password_file: str | None, secret_block: str | None, *, confirm: bool = False,
+                  interactive: bool = True) -> str:
+    """The repository password, from the first source that is set (a worker process never prompts)."""
     if password_file:
         try:
             pw = Path(password_file).read_text().rstrip("\r\n")
@@ -118,13 +119,14 @@ def read_password(password_file: str | None, secret_block: str | None, *, confir
         from prefect.blocks.system import Secret  # only this path pays for importing Prefect
 
         pw = str(Secret.load(secret_block).get())
-    elif sys.stdin.isatty():
+    elif interactive and sys.stdin.isatty():
         pw = getpass.getpass("repository password: ")
         if confirm and getpass.getpass("repeat password: ") != pw:
             raise VaultflowError("the passwords did not match")
     else:
         raise VaultflowError("no password: set VAULTFLOW_PASSWORD, VAULTFLOW_PASSWORD_FILE (or --password-file), "
-                             "or VAULTFLOW_PASSWORD_SECRET naming a Prefect Secret block")
+                             "or VAULTFLOW_PASSWORD_SECRET naming a Prefect Secret block"
+                             + ("" if interactive else " (in this worker's environment)"))
     if not pw:
         raise VaultflowError("the password is empty")
     return pw

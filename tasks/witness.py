@@ -40,7 +40,7 @@ def resource_id(repository_id: str, source: str) -> str:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def publish_commit(run: str, source: str, serial: int, snapshot: str) -> list[str]:
+def publish_commit(run: context.Run, source: str, serial: int, snapshot: str) -> list[str]:
     """Tell the witnesses about a commit; returns the witnesses that recorded it. Never fails the backup."""
     logger = get_run_logger()
     repo = context.get(run).repo

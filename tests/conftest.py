@@ -32,6 +32,8 @@ def free_port() -> int:
 def _private_vaultflow_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test's witnesses and defaults live in a folder of its own, never in the real ~/.vaultflow."""
     monkeypatch.setenv("VAULTFLOW_HOME", str(tmp_path_factory.mktemp("vaultflow-home")))
+    # Each test's home gets its own CLI agent (cli/agent.py): let it go soon after the test's last command.
+    monkeypatch.setenv("VAULTFLOW_AGENT_IDLE", "10")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import fnmatch
 import os
 import stat
 import sys
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,6 +19,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from vaultflow.storage.errors import SourceError
+
+if TYPE_CHECKING:
+    from vaultflow.tasks import context
 
 _TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
           stat.S_IFSOCK: "socket", stat.S_IFCHR: "char", stat.S_IFBLK: "block"}
@@ -236,7 +240,7 @@ class ListingInfo(BaseModel):
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def discover(run: str, paths: list[str], excludes: list[str]) -> ListingInfo:
+def discover(run: context.Run, paths: list[str], excludes: list[str]) -> ListingInfo:
     """Walk local trees into an Arrow listing on the run's scratch space."""
     from vaultflow.tasks import context, settings
 
