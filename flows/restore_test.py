@@ -11,25 +11,28 @@ from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
 
 from vaultflow.storage.errors import VaultflowError
-from vaultflow.tasks import context
+from vaultflow.tasks import context, runner
 from vaultflow.tasks.backup import open_repository
 from vaultflow.tasks.restore_test import FileCheck, pick_samples, restore_and_compare
-from vaultflow.tasks.runner import thread_runner
 
 
 class RestoreTestFailed(VaultflowError):
     """A sampled file did not come back byte for byte."""
 
 
-@flow(name="restore-test", task_runner=thread_runner())
+@flow(name="restore-test", task_runner=runner.thread_runner())
 def restore_test(sample: int = 20, everything: bool = False, snapshot: str | None = None,
-                 repository: str | None = None, password_secret: str | None = None) -> list[FileCheck]:
-    """Restore `sample` random files (or `everything`) of each source's latest snapshot and compare them."""
+                 repository: str | None = None, password_secret: str | None = None,
+                 task_runner: str = "auto") -> list[FileCheck]:
+    """Restore `sample` random files (or `everything`) of each source's latest snapshot and compare them; one
+    task per snapshot, run where `task_runner` says (auto, threads, processes or dask://HOST:PORT)."""
     t0 = time.monotonic()
     run = open_repository(repository, password_secret)
     try:
         samples = pick_samples(run, snapshot, sample, everything)
-        checks = [c for f in restore_and_compare.map(unmapped(run), samples) for c in f.result()]
+        with runner.pool(task_runner, sum(s.bytes for s in samples)) as pool:
+            futures = runner.map_tasks(pool, restore_and_compare, run=unmapped(run), sample=samples)
+            checks = [c for f in futures for c in f.result()]
     finally:
         context.close(run)
     seconds = time.monotonic() - t0

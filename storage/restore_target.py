@@ -70,6 +70,20 @@ def open_target(target: bytes, overwrite: bool) -> int:
     return fd
 
 
+def reopen_target(target: bytes, expected: Ident) -> int:
+    """The target folder again, by its name, in a process that cannot share prepare's fd (a task runner's worker):
+    the very directory prepare opened (`expected`), never a link or another folder put in its place since."""
+    shown = os.fsdecode(target)
+    try:
+        fd = os.open(target, DIR_FLAGS)
+    except OSError as e:
+        raise ChangedInTarget(b"", f"the restore folder {shown}: {e.strerror}") from None
+    if ident(os.fstat(fd)) != expected:
+        os.close(fd)
+        raise ChangedInTarget(b"", f"{shown} is no longer the folder the restore prepared (renamed or replaced?)")
+    return fd
+
+
 class Cursor:
     """The target's directories as fds for one phase on one thread (prepare, one restore_packs call, finish).
 

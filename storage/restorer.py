@@ -1,20 +1,23 @@
 """Restoring a snapshot's files into a folder: hostile paths refused, each pack fetched once, every byte verified.
 
-Order: validate → directories → files pre-created at full size → data written pack by pack (threads) →
-whole-file hashes checked and file metadata set → hard links, fifos, symlinks → their metadata and the
-directories', deepest first. Every step goes through verified fds (restore_target.Cursor; format.md §10).
+Order: validate → directories → files pre-created at full size → data written pack by pack (threads here, or
+a ChunkWriter in any process, loaded from the plan file that prepare's process wrote) → whole-file hashes checked
+and file metadata set → hard links, fifos, symlinks → their metadata and the directories', deepest first. Every
+step goes through verified fds (restore_target.Cursor; format.md §10).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -34,11 +37,15 @@ from .restore_target import (
     Ident,
     ident,
     open_target,
+    reopen_target,
 )
 
 _NOT_CREATED = ("socket", "char", "block", "unknown")
 _READ_WHOLE_PACK = 0.5  # fetch the whole pack when at least this share of it is needed, else ranges
 _SETID = stat.S_ISUID | stat.S_ISGID
+PLAN_VERSION = b"1"
+
+Blobs = dict[bytes, tuple[PackEntry, list[tuple[int, int]]]]  # chunk id -> (entry, [(row, offset in the file)])
 
 
 class HostilePath(VaultflowError):
@@ -57,6 +64,14 @@ class RestoreResult:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+
+@dataclass
+class Written:
+    """What writing one batch of packs did: bytes written, and the files that failed there (path -> why)."""
+
+    bytes: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def check_path(raw: bytes) -> list[bytes]:
@@ -142,15 +157,63 @@ class Restorer:
         except BaseException:
             self.close()
             raise
+        failed = self.result.failed  # e.g. a chunk missing from the index: its other chunks are not written
+        self._skip = {i for i in self._data_files if self._show(i) in failed}
+        self._writer = ChunkWriter(self.repo, self._by_pack, self.raws, [r["path"] for r in self.rows], self._ids,
+                                  self._failed_dirs, self._skip, root=self._root, progress=self.progress)
         return sorted(self._by_pack)
 
     def restore_packs(self, packs: list[str]) -> int:
         """Fetch each pack once and write its chunks wherever they belong; returns bytes written."""
-        cursor = self._cursor()
-        try:
-            return sum(self._restore_pack(cursor, p, self._by_pack[p]) for p in packs)
-        finally:
-            cursor.close()
+        return self.write_packs(packs).bytes
+
+    def write_packs(self, packs: list[str]) -> Written:
+        """restore_packs, also returning the files that failed in this batch (finish skips them anyway)."""
+        written = self._writer.write(packs)
+        self.add_failures(written.failed)
+        return written
+
+    def add_failures(self, failed: dict[str, str]) -> None:
+        """Files that failed while a ChunkWriter elsewhere wrote packs: finish neither verifies nor counts them."""
+        with self._lock:
+            self.result.failed.update(failed)
+
+    def save_plan(self, folder: str | Path) -> str:
+        """Write what a ChunkWriter in another process needs into `folder` (created, private): the rows it writes,
+        each pack's chunk placements, and the identity of the target and of every directory and file prepare
+        made or adopted, so that the worker refuses whatever was swapped since. Arrow IPC; returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root = ident(os.fstat(self._root))
+        known = sorted(self._ids.keys() | self._failed_dirs)
+        found = [self._ids.get(raw) for raw in known]
+        _write_table(folder / "target.arrow", pa.table({
+            "raw": pa.array(known, pa.binary()),
+            "dev": pa.array([f[0] if f else None for f in found], pa.uint64()),
+            "ino": pa.array([f[1] if f else None for f in found], pa.uint64()),
+            "failed": pa.array([raw in self._failed_dirs for raw in known], pa.bool_())},
+        ).replace_schema_metadata({b"vaultflow-restore-plan": PLAN_VERSION, b"target": self.target,
+                                   b"root": f"{root[0]}:{root[1]}".encode()}))
+        files = self._data_files
+        _write_table(folder / "files.arrow", pa.table({
+            "row": pa.array(files, pa.int64()),
+            "raw": pa.array([self.raws[i] for i in files], pa.binary()),
+            "path": pa.array([self._show(i) for i in files], pa.string()),
+            "skip": pa.array([i in self._skip for i in files], pa.bool_())}))
+        cols: dict[str, list[Any]] = {name: [] for name in _CHUNK_COLUMNS}
+        ranges = {}
+        for pack in sorted(self._by_pack):
+            start = len(cols["row"])
+            for entry, places in self._by_pack[pack].values():
+                for i, at in places:
+                    for name, value in zip(_CHUNK_COLUMNS, (entry.id, entry.type, entry.offset, entry.length,
+                                                            entry.raw_length, i, at), strict=True):
+                        cols[name].append(value)
+            ranges[pack] = (start, len(cols["row"]))
+        _write_table(folder / "chunks.arrow", pa.table(
+            {name: pa.array(values, pa.binary() if name == "id" else pa.int64()) for name, values in cols.items()}
+        ).replace_schema_metadata({b"packs": json.dumps(ranges).encode()}))
+        return str(folder)
 
     def finish(self) -> RestoreResult:
         """Check whole-file hashes, then create links and special files and set metadata."""
@@ -297,9 +360,9 @@ class Restorer:
 
     # -- data ----------------------------------------------------------------------------------------------
 
-    def _plan_packs(self, files: list[int]) -> dict[str, dict[bytes, tuple[PackEntry, list[tuple[int, int]]]]]:
+    def _plan_packs(self, files: list[int]) -> dict[str, Blobs]:
         """Every chunk occurrence, grouped by the pack that holds it."""
-        by_pack: dict[str, dict[bytes, tuple[PackEntry, list[tuple[int, int]]]]] = defaultdict(dict)
+        by_pack: dict[str, Blobs] = defaultdict(dict)
         for i in files:
             offset = 0
             for cid in self.rows[i]["chunks"]:
@@ -311,54 +374,6 @@ class Restorer:
                 by_pack[pack].setdefault(cid, (entry, []))[1].append((i, offset))
                 offset += entry.raw_length
         return dict(by_pack)
-
-    def _restore_pack(self, cursor: Cursor, pack: str,
-                      blobs: dict[bytes, tuple[PackEntry, list[tuple[int, int]]]]) -> int:
-        written = 0
-        targets = [t for _, ts in blobs.values() for t in ts]
-        try:
-            reader, sealed = self._fetch(pack, [e for e, _ in blobs.values()])
-        except (IntegrityError, ObjectMissing, OSError) as e:
-            for i, _ in targets:
-                self._fail(i, f"pack {pack} unreadable: {e}")
-            return 0
-        for cid, (entry, places) in blobs.items():
-            try:
-                data = reader.blob(sealed[cid], entry)
-                self.repo.verify_chunk(data, entry, pack)
-            except IntegrityError as e:
-                for i, _ in places:
-                    self._fail(i, f"chunk {cid.hex()[:16]} in {pack} is damaged: {e.problem}")
-                continue
-            for i, offset in places:
-                if self._show(i) in self.result.failed:
-                    continue
-                try:
-                    fd, _ = cursor.open_file(self.raws[i], os.O_WRONLY)
-                    try:
-                        if os.pwrite(fd, data, offset) != len(data):
-                            raise OSError(errno.EIO, "short write")
-                    finally:
-                        os.close(fd)
-                except VaultflowError as e:  # ChangedInTarget, DirectoryNotRestored
-                    self._fail(i, str(e))
-                except OSError as e:
-                    self._fail(i, f"write failed: {e.strerror}")
-            self.progress(len(data) * len(places))
-            written += len(data) * len(places)
-        return written
-
-    def _fetch(self, pack: str, entries: list[PackEntry]) -> tuple[PackReader, dict[bytes, bytes]]:
-        size = self.repo.backend.size(pack)
-        needed = sum(e.length for e in entries)
-        if needed >= _READ_WHOLE_PACK * size:
-            reader, _, data = self.repo.read_pack(pack)  # checks the pack's hash as well
-            view = memoryview(data)
-            return reader, {e.id: view[e.offset:e.offset + e.length] for e in entries}  # type: ignore[misc]
-        ranges = [(0, HEADER_SIZE)] + [(e.offset, e.offset + e.length) for e in entries]
-        parts = self.repo.backend.read_ranges(pack, ranges)
-        return PackReader(self.repo.master.blob_key, parts[0], pack), {
-            e.id: p for e, p in zip(entries, parts[1:], strict=True)}
 
     def _verify_files(self, cursor: Cursor, files: list[int]) -> None:
         """Hash each file through the fd of the inode restore created, and set its metadata through that fd."""
@@ -483,3 +498,148 @@ class Restorer:
 
 def _mkfifo(parent: int, name: bytes) -> None:
     os.mkfifo(name, 0o600, dir_fd=parent)
+
+
+_CHUNK_COLUMNS = ("id", "type", "offset", "length", "raw_length", "row", "at")
+
+
+def _write_table(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _read_table(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+class _PlannedPacks(Mapping[str, Blobs]):
+    """Each pack's chunk placements, read from the plan's table when a batch asks for that pack."""
+
+    def __init__(self, table: pa.Table, ranges: dict[str, list[int]]) -> None:
+        self.table, self.ranges = table, ranges
+
+    def __getitem__(self, pack: str) -> Blobs:
+        start, end = self.ranges[pack]
+        part = self.table.slice(start, end - start)
+        blobs: Blobs = {}
+        for cid, kind, offset, length, raw_length, row, at in zip(*(part[c].to_pylist() for c in _CHUNK_COLUMNS),
+                                                                  strict=True):
+            blobs.setdefault(cid, (PackEntry(cid, kind, offset, length, raw_length), []))[1].append((row, at))
+        return blobs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ranges)
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+
+class ChunkWriter:
+    """Writes the chunks of packs into the files a restore's prepare created, through verified fds only.
+
+    The Restorer has one over its own plan; a worker of a task runner (another process, or a Dask worker on this
+    machine) loads one from the plan file (`load`). Every directory and file is checked to be the inode prepare
+    made, and the target folder, reopened by name there, the one prepare opened: anything swapped since fails
+    by name, as in the Restorer's own process. Safe for concurrent `write` calls."""
+
+    def __init__(self, repo: Repository, by_pack: Mapping[str, Blobs], raws: Sequence[bytes] | Mapping[int, bytes],
+                 shows: Sequence[str] | Mapping[int, str], ids: dict[bytes, Ident], failed_dirs: set[bytes],
+                 skip: set[int], *, root: int = -1, target: bytes = b"", root_id: Ident | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.repo, self.by_pack, self.raws, self.shows = repo, by_pack, raws, shows
+        self.ids, self.failed_dirs, self.skip = ids, failed_dirs, skip  # skip: rows that failed before any write
+        self.root, self.target, self.root_id = root, target, root_id  # root: prepare's fd, when in its process
+        self.progress = progress or (lambda n: None)
+
+    @classmethod
+    def load(cls, repo: Repository, folder: str | Path) -> ChunkWriter:
+        """The writer for a plan that Restorer.save_plan wrote in `folder` (which must be reachable here)."""
+        folder = Path(folder)
+        try:
+            target, files, chunks = (_read_table(folder / f"{name}.arrow") for name in ("target", "files", "chunks"))
+        except (OSError, pa.ArrowInvalid) as e:
+            raise VaultflowError(f"restore plan {folder}: cannot read it on this worker ({e}); a worker must run on "
+                                 "the machine that holds the restore folder") from None
+        meta = target.schema.metadata or {}
+        if meta.get(b"vaultflow-restore-plan") != PLAN_VERSION:
+            raise VaultflowError(f"restore plan {folder}: version {meta.get(b'vaultflow-restore-plan')!r}, this "
+                                 f"vaultflow reads {PLAN_VERSION!r}; run the workers with the flow's vaultflow")
+        dev, ino = meta[b"root"].decode().split(":")
+        known = target["raw"].to_pylist()
+        ids = {raw: (d, n) for raw, d, n in zip(known, target["dev"].to_pylist(), target["ino"].to_pylist(),
+                                                strict=True) if d is not None}
+        failed_dirs = {raw for raw, bad in zip(known, target["failed"].to_pylist(), strict=True) if bad}
+        rows = files["row"].to_pylist()
+        skip = {i for i, bad in zip(rows, files["skip"].to_pylist(), strict=True) if bad}
+        ranges = json.loads(chunks.schema.metadata[b"packs"])
+        return cls(repo, _PlannedPacks(chunks, ranges), dict(zip(rows, files["raw"].to_pylist(), strict=True)),
+                   dict(zip(rows, files["path"].to_pylist(), strict=True)), ids, failed_dirs, skip,
+                   target=meta[b"target"], root_id=(int(dev), int(ino)))
+
+    def write(self, packs: list[str]) -> Written:
+        """Fetch each pack once and write its chunks wherever they belong."""
+        out = Written()
+        try:
+            root = self.root if self.root >= 0 else reopen_target(self.target, self.root_id or (-1, -1))
+        except ChangedInTarget as e:
+            for pack in packs:
+                for _, places in self.by_pack[pack].values():
+                    for i, _ in places:
+                        out.failed[self.shows[i]] = str(e)
+            return out
+        cursor = Cursor(root, self.ids, self.failed_dirs, False)
+        try:
+            for pack in packs:
+                out.bytes += self._restore_pack(cursor, pack, self.by_pack[pack], out.failed)
+        finally:
+            cursor.close()
+            if root != self.root:
+                os.close(root)
+        return out
+
+    def _restore_pack(self, cursor: Cursor, pack: str, blobs: Blobs, failed: dict[str, str]) -> int:
+        written = 0
+        try:
+            reader, sealed = self._fetch(pack, [e for e, _ in blobs.values()])
+        except (IntegrityError, ObjectMissing, OSError) as e:
+            for _, places in blobs.values():
+                for i, _ in places:
+                    failed[self.shows[i]] = f"pack {pack} unreadable: {e}"
+            return 0
+        for cid, (entry, places) in blobs.items():
+            try:
+                data = reader.blob(sealed[cid], entry)
+                self.repo.verify_chunk(data, entry, pack)
+            except IntegrityError as e:
+                for i, _ in places:
+                    failed[self.shows[i]] = f"chunk {cid.hex()[:16]} in {pack} is damaged: {e.problem}"
+                continue
+            for i, offset in places:
+                if i in self.skip or self.shows[i] in failed:
+                    continue
+                try:
+                    fd, _ = cursor.open_file(self.raws[i], os.O_WRONLY)
+                    try:
+                        if os.pwrite(fd, data, offset) != len(data):
+                            raise OSError(errno.EIO, "short write")
+                    finally:
+                        os.close(fd)
+                except VaultflowError as e:  # ChangedInTarget, DirectoryNotRestored
+                    failed[self.shows[i]] = str(e)
+                except OSError as e:
+                    failed[self.shows[i]] = f"write failed: {e.strerror}"
+            self.progress(len(data) * len(places))
+            written += len(data) * len(places)
+        return written
+
+    def _fetch(self, pack: str, entries: list[PackEntry]) -> tuple[PackReader, dict[bytes, bytes]]:
+        size = self.repo.backend.size(pack)
+        needed = sum(e.length for e in entries)
+        if needed >= _READ_WHOLE_PACK * size:
+            reader, _, data = self.repo.read_pack(pack)  # checks the pack's hash as well
+            view = memoryview(data)
+            return reader, {e.id: view[e.offset:e.offset + e.length] for e in entries}  # type: ignore[misc]
+        ranges = [(0, HEADER_SIZE)] + [(e.offset, e.offset + e.length) for e in entries]
+        parts = self.repo.backend.read_ranges(pack, ranges)
+        return PackReader(self.repo.master.blob_key, parts[0], pack), {
+            e.id: p for e, p in zip(entries, parts[1:], strict=True)}

@@ -30,6 +30,7 @@ class Sample(BaseModel):
     serial: int
     root: str | None  # where the source was read from, if it was a local path
     raw_paths: list[str]  # hex of the exact path bytes (names need not be UTF-8)
+    bytes: int = 0  # their size: how much the test will restore
 
 
 class FileCheck(BaseModel):
@@ -42,7 +43,7 @@ class FileCheck(BaseModel):
 
 
 @task(**RETRY, **TASK)
-def pick_samples(run: str, snapshot: str | None, sample: int, everything: bool) -> list[Sample]:
+def pick_samples(run: context.Run, snapshot: str | None, sample: int, everything: bool) -> list[Sample]:
     """The latest snapshot of each source (or the one named), and which of its files to restore."""
     repo = context.get(run).repo
     records = repo.snapshots()
@@ -54,24 +55,25 @@ def pick_samples(run: str, snapshot: str | None, sample: int, everything: bool) 
         rid, record = found
         table = repo.files_table(record)
         files = table.filter(pc.and_(pc.equal(table["type"], "file"), pc.is_valid(table["chunks"])))
-        paths = raw_paths(files).to_pylist()
-        if not everything:
-            paths = sorted(random.sample(paths, min(sample, len(paths))))
+        paths, sizes = raw_paths(files).to_pylist(), files["size"].to_pylist()
+        picked = list(range(len(paths))) if everything else \
+            sorted(random.sample(range(len(paths)), min(sample, len(paths))), key=paths.__getitem__)
         out.append(Sample(snapshot=rid, source=record.source, serial=record.serial,
-                          root=record.paths[0] if record.paths else None, raw_paths=[p.hex() for p in paths]))
+                          root=record.paths[0] if record.paths else None, raw_paths=[paths[i].hex() for i in picked],
+                          bytes=sum(sizes[i] for i in picked)))
     return out
 
 
 @task(**TASK)
-def restore_and_compare(run: str, sample: Sample) -> list[FileCheck]:
-    """Restore the sample into a scratch folder (hashes verified on the way out), then compare with the source
-    where it is still there and unchanged."""
-    repo = context.get(run).repo
+def restore_and_compare(run: context.Run, sample: Sample) -> list[FileCheck]:
+    """Restore the sample into a temporary folder (hashes verified on the way out), then compare with the source
+    where it is still there and unchanged. Runs in any process that sees the source's paths."""
+    repo = context.repository(run)
     record = repo.snapshot(sample.snapshot)
     table = repo.files_table(record)
     raws = [bytes.fromhex(h) for h in sample.raw_paths]
     wanted = select(table, raws)
-    scratch = tempfile.mkdtemp(prefix="vaultflow-restore-test-", dir=str(context.get(run).scratch))
+    scratch = tempfile.mkdtemp(prefix="vaultflow-restore-test-")
     try:
         result = Restorer(repo, wanted, scratch).run()
         rows = dict(zip(raw_paths(wanted).to_pylist(), wanted.to_pylist(), strict=True))
