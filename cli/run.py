@@ -6,9 +6,12 @@ Prefect is imported only here, after `PrefectRuntime.start()` has set PREFECT_AP
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from vaultflow.storage.errors import IntegrityError, NotARepository, VaultflowError
@@ -42,7 +45,9 @@ def _open_first(s: settings.RepoSettings) -> Any:
     prompted = not (s.password_file or os.environ.get("VAULTFLOW_PASSWORD") or s.password_secret)
     password = s.password()
     if prompted:  # tasks that resolve the password again must not prompt behind the progress bar
-        os.environ["VAULTFLOW_PASSWORD"] = password
+        os.environ["VAULTFLOW_PASSWORD"] = password  # worker processes of this run inherit it, nothing else
+    elif s.password_file:  # --password-file: worker processes read the same file
+        os.environ["VAULTFLOW_PASSWORD_FILE"] = os.path.abspath(s.password_file)
     try:
         repo = Repository.open(s.url, password, storage_options=s.storage_options)
     except NotARepository:
@@ -113,7 +118,96 @@ def _print_rows(rows: list[dict[str, str]]) -> None:
         print(f"{row['measure']:>{width}}: {row['value']}")
 
 
+def _runner(args: argparse.Namespace) -> dict[str, Any]:
+    """`task_runner=` for the flow call, only when the command line has the option (`--task-runner`)."""
+    spec = getattr(args, "task_runner", None)
+    return {} if spec is None else {"task_runner": spec}
+
+
+def _via_agent(args: argparse.Namespace) -> int | None:
+    """Hand the command to the vaultflow agent (a warm process that forks a child per command, see agent.py);
+    its exit status, or None to run it here. The password prompt, if one is needed, stays in this process."""
+    from vaultflow import agent
+
+    if not agent.enabled():
+        return None
+    s = settings.resolve(args.repo, args.password_file, args.password_secret)
+
+    def prompt_here() -> None:
+        if not (s.password_file or os.environ.get("VAULTFLOW_PASSWORD") or s.password_secret) and sys.stdin.isatty():
+            os.environ["VAULTFLOW_PASSWORD"] = s.password()  # sent to the child over the 0600 socket, never stored
+
+    from vaultflow.storage.snapshot import utc_now
+
+    started = utc_now()
+    try:
+        rc = agent.run_command(args, prompt_here)
+        if rc is not None and _timings():  # the child's share is not in this process tree's rusage
+            print(" ".join(f"agent_{k}={v:.3f}" if isinstance(v, float) and k == "cpu_seconds" else f"agent_{k}={v:.0f}"
+                           for k, v in agent.last_usage().items()), file=sys.stderr)
+        return rc
+    except agent.AgentLost as e:
+        if args.command != "backup":
+            raise VaultflowError(e.what) from None
+        return _backup_lost(s, e.what, started, args.paths)
+
+
+def _backup_lost(s: settings.RepoSettings, what: str, started: str, paths: list[str]) -> int:
+    """The process running a backup ended without an exit status: the repository says what was committed."""
+    from vaultflow.storage.repository import Repository
+
+    committed = _committed_since(Repository.open(s.url, s.password(), storage_options=s.storage_options),
+                                 started, paths)
+    if committed is None:
+        print(f"vaultflow: error: {what}; nothing was committed (the next backup adopts what was uploaded)",
+              file=sys.stderr)
+        return 1
+    rid, record = committed
+    print(f"vaultflow: warning: {what}; snapshot {record.source} #{record.serial} ({rid[:12]}) was committed "
+          "and is complete", file=sys.stderr)
+    return 0
+
+
+def _direct(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run the command in this process. In the CLI process itself, the process then ends right after Prefect's
+    own at-exit drain of its log and event senders: the interpreter's teardown of ~1,400 modules would cost
+    ~0.55 s (docs/startup.md). The status is the one `vaultflow.cli.main` returns for the outcome."""
+    from vaultflow import agent
+
+    fast = agent.cli_process()
+    code = 1  # an unexpected exception: the interpreter prints it and exits 1
+    try:
+        code = fn(args)
+        return code
+    except VaultflowError:
+        raise
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    except BrokenPipeError:
+        code = 0
+        raise
+    finally:
+        if fast:
+            atexit.register(_fast_exit, code)
+
+
+def _fast_exit(code: int) -> None:
+    from vaultflow.flows.runtime import drain_prefect
+
+    drain_prefect()  # normally a no-op: threading's shutdown already ran Prefect's own drain
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
+    rc = _via_agent(args)
+    return rc if rc is not None else _direct(_backup, args)
+
+
+def _backup(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
     _check_paths(args.paths)
     runtime = _prefect(args.verbose)  # before anything imports prefect (a Secret block password does)
@@ -126,7 +220,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         summary = _run(runtime, "backup", "backup", paths=args.paths, source=args.source, repository=s.url,
                        full=args.full, excludes=args.exclude, error_budget=args.error_budget,
                        verify_sample=args.verify_sample, password_secret=s.password_secret,
-                       lock_wait=args.retry_lock)
+                       lock_wait=args.retry_lock, **_runner(args))
     except ErrorBudgetExceeded as e:
         print(f"vaultflow: error: {e}", file=sys.stderr)
         return 3
@@ -149,6 +243,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    rc = _via_agent(args)
+    return rc if rc is not None else _direct(_restore, args)
+
+
+def _restore(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
     if os.path.lexists(args.target) and not os.path.isdir(args.target):
         raise VaultflowError(f"cannot restore into {args.target}: it exists and is not a directory; name a new or "
@@ -157,7 +256,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     _open_first(s).find_snapshot(args.snapshot)  # an unknown snapshot is a typo, not a failed run
     summary = _run(runtime, "restore", "restore", snapshot=args.snapshot, target=args.target,
                    includes=args.include,
-                   overwrite=args.overwrite, repository=s.url, password_secret=s.password_secret)
+                   overwrite=args.overwrite, repository=s.url, password_secret=s.password_secret, **_runner(args))
     _print_rows(summary.rows())
     for path, why in summary.skipped.items():
         print(f"note: {path}: {why}", file=sys.stderr)
@@ -165,6 +264,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    rc = _via_agent(args)
+    return rc if rc is not None else _direct(_check, args)
+
+
+def _check(args: argparse.Namespace) -> int:
     import json
 
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
@@ -181,7 +285,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     try:
         report = _run(runtime, "check", "check", read_data=args.read_data, read_data_subset=args.read_data_subset,
-                      repository=s.url, password_secret=s.password_secret)
+                      repository=s.url, password_secret=s.password_secret, **_runner(args))
     except CheckFailed as e:
         report = e.report
     if args.json:
@@ -203,6 +307,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_restore_test(args: argparse.Namespace) -> int:
+    rc = _via_agent(args)
+    return rc if rc is not None else _direct(_restore_test, args)
+
+
+def _restore_test(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
     runtime = _prefect(args.verbose)  # before anything imports prefect
     _open_first(s)
@@ -210,7 +319,8 @@ def cmd_restore_test(args: argparse.Namespace) -> int:
 
     try:
         checks = _run(runtime, "restore test", "restore_test", sample=args.sample, everything=args.all,
-                      snapshot=args.snapshot, repository=s.url, password_secret=s.password_secret)
+                      snapshot=args.snapshot, repository=s.url, password_secret=s.password_secret,
+                      **_runner(args))
     except RestoreTestFailed as e:
         print(f"vaultflow: restore test FAILED: {e}", file=sys.stderr)
         return 1

@@ -200,10 +200,18 @@ def fast_flow_settings() -> Iterator[None]:
 
     # The API is a witness, not the data path: when it goes away mid-run, give up on it within seconds
     # (1 retry after 2 s per request) instead of Prefect's default 5 retries per request (~5 minutes).
-    updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_CLIENT_MAX_RETRIES: 1}
+    current = get_current_settings()
+    updates: dict[Any, Any] = {}
+    if current.flows.heartbeat_frequency is not None:
+        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+    if current.client.max_retries != 1:
+        updates[PREFECT_CLIENT_MAX_RETRIES] = 1
     env_url = os.environ.get("PREFECT_API_URL", "").strip()
-    if env_url and get_current_settings().api.url != env_url:
+    if env_url and current.api.url != env_url:
         updates[PREFECT_API_URL] = env_url
+    if not updates:  # already in place (an agent's child): building a settings copy costs ~0.05 s
+        yield
+        return
     with temporary_settings(updates=updates):
         yield
 
@@ -249,6 +257,9 @@ class PrefectRuntime:
         url = ensure_prefect_api(verify=verify, timeout=timeout)
         import prefect  # noqa: F401  # timed here on purpose: it is most of the start-up cost
 
+        if _settings_stale():
+            _reload_prefect_settings()
+
         with contextlib.suppress(ImportError):
             # Prefect imports this lazily inside the first flow call (parameter serialisation, ~0.07 s);
             # importing it here books it as start-up, not pipeline.
@@ -262,6 +273,85 @@ class PrefectRuntime:
     def api_alive(self) -> bool:
         """Whether the Prefect API answers its health check right now."""
         return _healthy(self.api_url)
+
+
+# Set in an agent's child (vaultflow.agent): the Prefect environment the agent imported prefect with.
+_imported_with: dict[str, str] | None = None
+
+
+def prefect_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables Prefect reads at import: its settings and its logging configuration."""
+    return {k: v for k, v in environ.items() if k.startswith("PREFECT_")}
+
+
+def expected_cli_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` as a quiet (not --verbose) flow command will have it once its Prefect API is ensured: the
+    agent imports prefect under it, so that its children rarely need to re-read Prefect's settings."""
+    env = dict(environ)
+    env.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")  # what vaultflow.run._prefect sets
+    if not env.get("PREFECT_API_URL", "").strip():
+        server = EmbeddedServer.from_env()
+        env["PREFECT_API_URL"] = server.api_url
+        env.setdefault("PREFECT_HOME", str(server.prefect_home))
+    return env
+
+
+def prefect_imported_early(imported_with: Mapping[str, str]) -> None:
+    """This process imported prefect before its command's environment was in place (an agent's child):
+    `PrefectRuntime.start()` re-reads Prefect's settings and logging configuration when that environment (or a
+    Prefect settings file in the working directory) differs from `imported_with`, as a fresh process would."""
+    global _imported_with
+    _imported_with = dict(imported_with)
+
+
+def _settings_stale() -> bool:
+    if _imported_with is None:
+        return False
+    if prefect_environment(os.environ) != _imported_with:
+        return True
+    # Prefect also reads settings from these files in the working directory.
+    for name, marker in ((".env", b"PREFECT_"), ("prefect.toml", b""), ("pyproject.toml", b"tool.prefect")):
+        with contextlib.suppress(OSError):
+            if marker in Path(name).read_bytes():
+                return True
+    return False
+
+
+def _reload_prefect_settings() -> None:
+    """~0.2 s: only when the command's Prefect environment differs from the one prefect was imported with."""
+    import prefect.context
+    from prefect.logging.configuration import setup_logging
+
+    prefect.context.refresh_global_settings_context()
+    setup_logging(incremental=False)  # handlers bound to this command's stderr, levels from its environment
+
+
+def install_fast_flow_settings() -> None:
+    """Make `fast_flow_settings()` the process-global settings (an agent, whose every flow run is a CLI run), so
+    each flow call does not build a settings copy (~0.05 s)."""
+    import prefect.context
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    root = prefect.context.GLOBAL_SETTINGS_CONTEXT
+    settings = root.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                                                       PREFECT_CLIENT_MAX_RETRIES: 1})
+    prefect.context.GLOBAL_SETTINGS_CONTEXT = prefect.context.SettingsContext(profile=root.profile,
+                                                                              settings=settings)
+
+
+def drain_prefect(timeout: float = 10.0) -> None:
+    """Send what Prefect's log and event workers still hold to the API and stop them (what interpreter exit does,
+    without the rest of the teardown). Measured ~0.05 s after a flow run; see docs/startup.md."""
+    if "prefect.logging.handlers" in sys.modules:
+        from prefect.logging.handlers import APILogWorker
+
+        with contextlib.suppress(Exception):
+            APILogWorker.drain_all(timeout=timeout, at_exit=False)
+    if "prefect.events.worker" in sys.modules:
+        from prefect.events.worker import EventsWorker
+
+        with contextlib.suppress(Exception):
+            EventsWorker.drain_all(timeout=timeout, at_exit=False)
 
 
 # ---------------------------------------------------------------------------------------------------
