@@ -77,7 +77,7 @@ def backup(paths: list[str], source: str | None = None, repository: str | None =
             progress.start(run, plan.bytes_to_read, plan.files_to_read)
             read_list = context.read_ipc(state.scratch / "read.arrow")
             done: list[BatchResult] = []
-            with runner.pool(task_runner, plan.bytes_to_read) as pool:
+            with runner.pool(task_runner, plan.files_to_read, runner.BACKUP_PROCESSES_FROM_FILES) as pool:
                 futures = runner.map_tasks(pool, process_batch, run=unmapped(run), root=unmapped(listing.root),
                                            start=[b[0] for b in plan.batches],
                                            files=[batch_files(read_list, *b) for b in plan.batches])

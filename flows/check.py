@@ -35,7 +35,7 @@ def check(read_data: bool = False, read_data_subset: str | None = None, reposito
         with context.get(run).repo.lock(purpose="check", run=runs.current()) as lock:
             runs.mark_crashed(lock.removed)
             structure = check_structure(run, read_data, read_data_subset)
-            with runner.pool(task_runner, structure.bytes) as pool:
+            with runner.pool(task_runner) as pool:
                 for future in runner.as_completed(runner.map_tasks(pool, check_packs, run=unmapped(run),
                                                                    packs=structure.pack_batches)):
                     record_packs(run, future.result())

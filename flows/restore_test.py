@@ -30,7 +30,7 @@ def restore_test(sample: int = 20, everything: bool = False, snapshot: str | Non
     run = open_repository(repository, password_secret)
     try:
         samples = pick_samples(run, snapshot, sample, everything)
-        with runner.pool(task_runner, sum(s.bytes for s in samples)) as pool:
+        with runner.pool(task_runner) as pool:
             futures = runner.map_tasks(pool, restore_and_compare, run=unmapped(run), sample=samples)
             checks = [c for f in futures for c in f.result()]
     finally:

@@ -86,7 +86,7 @@ def plan_restore(run: context.Run, snapshot: str, target: str, includes: list[st
     restorer = state.restorer = Restorer(state.repo, table, target, overwrite=overwrite)
     packs = restorer.prepare()
     total = sum(r["size"] for r in restorer.rows if r["type"] == "file")
-    chosen = runner.choose(task_runner, total, runner.RESTORE_PROCESSES_PAY_FROM)
+    chosen = runner.choose(task_runner)
     # at least ~3 batches per worker, so that no worker waits long for the last one
     per_batch = max(1, min(packs_per_batch, -(-len(packs) // (3 * runner.workers()))))
     plan_path = restorer.save_plan(state.scratch / "restore-plan") if chosen != "threads" else None

@@ -2,7 +2,7 @@
 cluster. One runbook, three runners; the flow chooses after planning, when it knows how much work there is.
 
 `task_runner` (a flow parameter, `--task-runner` on the CLI, a deployment setting):
-- `auto` (default): worker processes when the planned bytes make them pay, threads otherwise;
+- `auto` (default): worker processes where measured to pay (a backup reading many files), threads otherwise;
 - `threads`: the flow's own thread pool (hashing, zstd and AES release the GIL, but Python's share does not);
 - `processes`: Prefect's ProcessPoolTaskRunner, one worker process per core (spawned: ~1–2 s to start);
 - `dask://HOST:PORT` (or `tcp://…`): an existing Dask scheduler; its workers must import vaultflow and reach
@@ -25,17 +25,18 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from vaultflow.storage.errors import VaultflowError
 
-# Below this many planned bytes, starting worker processes (spawn, imports, one key derivation each) costs more
-# than the GIL does: measured in docs/startup.md ("Task runners").
-PROCESSES_PAY_FROM = 256 << 20
+# When `auto` takes worker processes, measured side by side on this project's bench data (2 cores; numbers in
+# docs/startup.md, "Task runners"). Spawning the pool costs ~3 s (imports, one key derivation per worker), and
+# the C work (zstd, BLAKE3, AES-GCM) already runs in parallel on threads; what processes parallelise is Python's
+# per-file work. A backup of 200,000 small files took 31.5 s on processes against 52.3 s on threads, while a
+# 1.5 GB first backup of few large files took 12.4-13.0 s on processes and 8.8-10.1 s on threads. So a backup
+# takes processes by the number of files it reads; check (3.4 s threads vs 6.3 s processes for 1.5 GB) and
+# restore (6.8 vs 12.6 s; 20,000 small files 3 s vs 10-17 s) never do unless asked.
+BACKUP_PROCESSES_FROM_FILES = 32_768
 ENV_RUNNER = "VAULTFLOW_TASK_RUNNER"
 
-# A restore's workers write into files the flow created: spawning them costs the same, and the work per byte
-# is smaller (no chunking or compression), so processes pay only for much larger restores.
-RESTORE_PROCESSES_PAY_FROM = 4 << 30
-
-__all__ = ["PROCESSES_PAY_FROM", "RESTORE_PROCESSES_PAY_FROM", "as_completed", "choose", "map_tasks", "pool",
-           "thread_runner", "workers"]
+__all__ = ["BACKUP_PROCESSES_FROM_FILES", "as_completed", "choose", "map_tasks", "pool", "thread_runner",
+           "workers"]
 
 
 def workers(per_core: int = 1) -> int:
@@ -49,14 +50,14 @@ def thread_runner(per_core: int = 1) -> ThreadPoolTaskRunner:  # type: ignore[ty
     return ThreadPoolTaskRunner(max_workers=workers(per_core))
 
 
-def choose(spec: str | None, planned_bytes: int, pays_from: int = PROCESSES_PAY_FROM) -> str:
+def choose(spec: str | None, planned: int = 0, pays_from: int | None = None) -> str:
     """`threads`, `processes` or a Dask address, from the flow parameter (or VAULTFLOW_TASK_RUNNER) and the
-    planned work: `auto` takes processes from `pays_from` bytes on."""
+    planned work: `auto` takes processes when `planned` (files, say) reaches `pays_from`, never without one."""
     if not spec or spec == "auto":  # the flow's default defers to the machine's setting
         spec = os.environ.get(ENV_RUNNER) or "auto"
     spec = spec.strip()
     if spec == "auto":
-        return "processes" if planned_bytes >= pays_from and workers() > 1 else "threads"
+        return "processes" if pays_from is not None and planned >= pays_from and workers() > 1 else "threads"
     if spec in ("threads", "processes"):
         return spec
     if spec.startswith(("dask://", "tcp://", "tls://")):
@@ -65,10 +66,10 @@ def choose(spec: str | None, planned_bytes: int, pays_from: int = PROCESSES_PAY_
 
 
 @contextlib.contextmanager
-def pool(spec: str | None, planned_bytes: int,
-         pays_from: int = PROCESSES_PAY_FROM) -> Iterator[TaskRunner | None]:  # type: ignore[type-arg]
+def pool(spec: str | None, planned: int = 0,
+         pays_from: int | None = None) -> Iterator[TaskRunner | None]:  # type: ignore[type-arg]
     """A started task runner for the mapped tasks, or None for the flow's own thread pool."""
-    chosen = choose(spec, planned_bytes, pays_from)
+    chosen = choose(spec, planned, pays_from)
     if chosen == "threads":
         yield None
         return

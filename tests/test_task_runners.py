@@ -196,3 +196,24 @@ def test_every_task_parameter_pickles_and_holds_no_secret(tmp_path, prefect_serv
         assert pickle.loads(data).keys() == params.keys()
         for leaked in (PASSWORD.encode(), secret.encode()):
             assert leaked not in data, f"{name} carries a secret in its parameters"
+
+
+def test_auto_takes_processes_only_for_a_backup_of_many_files(monkeypatch):
+    from vaultflow.storage.errors import VaultflowError
+    from vaultflow.tasks import runner
+
+    monkeypatch.delenv("VAULTFLOW_TASK_RUNNER", raising=False)
+    monkeypatch.setenv("VAULTFLOW_WORKERS", "2")
+    many = runner.BACKUP_PROCESSES_FROM_FILES
+    assert runner.choose("auto", many, many) == "processes"
+    assert runner.choose("auto", many - 1, many) == "threads"
+    assert runner.choose("auto", 10**9) == "threads"  # check and restore: no threshold, never processes
+    assert runner.choose(None, many, many) == "processes"
+    monkeypatch.setenv("VAULTFLOW_WORKERS", "1")
+    assert runner.choose("auto", many, many) == "threads"  # one worker: nothing to parallelise
+    monkeypatch.setenv("VAULTFLOW_TASK_RUNNER", "processes")
+    assert runner.choose("auto", 0) == "processes"  # the machine's setting replaces the default
+    assert runner.choose("threads", 0) == "threads"  # an explicit choice wins over it
+    assert runner.choose("dask://sched:8786") == "tcp://sched:8786"
+    with pytest.raises(VaultflowError, match="use auto, threads, processes, or dask://HOST:PORT"):
+        runner.choose("ray://x")
