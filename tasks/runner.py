@@ -4,7 +4,7 @@ cluster. One runbook, three runners; the flow chooses after planning, when it kn
 `task_runner` (a flow parameter, `--task-runner` on the CLI, a deployment setting):
 - `auto` (default): worker processes where measured to pay (a backup reading many files), threads otherwise;
 - `threads`: the flow's own thread pool (hashing, zstd and AES release the GIL, but Python's share does not);
-- `processes`: Prefect's ProcessPoolTaskRunner, one worker process per core (spawned: ~1–2 s to start);
+- `processes`: Prefect's ProcessPoolTaskRunner, one worker process per core (spawned: ~3 s to start here);
 - `dask://HOST:PORT` (or `tcp://…`): an existing Dask scheduler; its workers must import vaultflow and reach
   the sources, the repository and, for restores, the target (see README, "Running on a Dask cluster").
 
