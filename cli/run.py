@@ -156,8 +156,14 @@ def _backup_lost(s: settings.RepoSettings, what: str, started: str, paths: list[
     """The process running a backup ended without an exit status: the repository says what was committed."""
     from vaultflow.storage.repository import Repository
 
-    committed = _committed_since(Repository.open(s.url, s.password(), storage_options=s.storage_options),
-                                 started, paths)
+    return _report_committed(Repository.open(s.url, s.password(), storage_options=s.storage_options), what,
+                             started, paths)
+
+
+def _report_committed(repo: Any, what: str, started: str, paths: list[str]) -> int:
+    """After the run's process or orchestrator was lost (`what`): one line saying whether a snapshot of `paths`
+    was committed since `started`; the exit status (0 committed and complete, 1 nothing committed)."""
+    committed = _committed_since(repo, started, paths)
     if committed is None:
         print(f"vaultflow: error: {what}; nothing was committed (the next backup adopts what was uploaded)",
               file=sys.stderr)
@@ -225,15 +231,7 @@ def _backup(args: argparse.Namespace) -> int:
         print(f"vaultflow: error: {e}", file=sys.stderr)
         return 3
     except OrchestratorLost as e:
-        committed = _committed_since(repo, started, args.paths)
-        if committed is None:
-            print(f"vaultflow: error: {e}; nothing was committed (the next backup adopts what was uploaded)",
-                  file=sys.stderr)
-            return 1
-        rid, record = committed
-        print(f"vaultflow: warning: {e}; snapshot {record.source} #{record.serial} ({rid[:12]}) was committed "
-              "and is complete", file=sys.stderr)
-        return 0
+        return _report_committed(repo, str(e), started, args.paths)
     _print_rows(summary.rows())
     if summary.errors:
         print(f"{summary.errors} files could not be read completely; see `vaultflow ls {summary.snapshot[:12]} -l`"
