@@ -49,25 +49,44 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("swap", ["dir-to-link", "file-to-link", "file-to-hardlink"])
-def test_entries_swapped_between_the_steps_fail_and_nothing_outside_changes(tmp_path, swap):
+def prepared(tmp_path: Path) -> tuple[Repository, Restorer, list[str], Path, Path]:
+    """ROWS prepared for restore into tmp_path/target (folders and empty files made), and a folder outside the
+    target that an intruder points into: (repo, restorer, packs, target, outside)."""
     repo = Repository.init(str(tmp_path / "repo"), "pw", kdf=FAST_KDF)
     table = repo.files_table(malicious_snapshot(repo, ROWS))
     outside = outside_folder(tmp_path, {"f.txt": b"precious", "h": b"pwned", "x.txt": b"pwned", "y.txt": b"mine"})
     target = tmp_path / "target"
     restorer = Restorer(repo, table, str(target))
-    packs = restorer.prepare()
+    return repo, restorer, restorer.prepare(), target, outside
+
+
+def swap_entry(swap: str, target: Path, outside: Path) -> None:
+    """What a local user does to the prepared target; moved things go beside it (moved-d, moved-target)."""
     if swap == "dir-to-link":  # restore's own directory moves away, a link to the outside folder takes its place
-        os.rename(target / "d", tmp_path / "moved-d")
+        os.rename(target / "d", target.parent / "moved-d")
         os.symlink(outside, target / "d")
+    elif swap == "file-to-link":
+        os.unlink(target / "x.txt")
+        os.symlink(outside / "x.txt", target / "x.txt")
     elif swap == "file-to-hardlink":  # another inode under the file's name: a hard link to an outside file
         os.unlink(target / "y.txt")
         os.link(outside / "y.txt", target / "y.txt")
+    elif swap == "target-replaced":  # the whole target renamed away, another folder put in its place
+        os.rename(target, target.parent / "moved-target")
+        os.mkdir(target)
+    else:
+        raise ValueError(swap)
+
+
+@pytest.mark.parametrize("swap", ["dir-to-link", "file-to-link", "file-to-hardlink"])
+def test_entries_swapped_between_the_steps_fail_and_nothing_outside_changes(tmp_path, swap):
+    repo, restorer, packs, target, outside = prepared(tmp_path)
+    if swap != "file-to-link":
+        swap_entry(swap, target, outside)
     before = state(outside)
     restorer.restore_packs(packs)
     if swap == "file-to-link":  # after the data is written, before it is verified and chmod'ed
-        os.unlink(target / "x.txt")
-        os.symlink(outside / "x.txt", target / "x.txt")
+        swap_entry(swap, target, outside)
     result = restorer.finish()
 
     assert state(outside) == before  # not written, not chmod'ed, not linked, nothing created in it

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from backup_helpers import awkward_tree
 from conftest import FAST_KDF
-from test_hostile_restore import malicious_snapshot
-from test_restore_races import ROWS, outside_folder, state
+from test_restore_races import prepared, state, swap_entry
 
 from vaultflow.storage.repository import Repository
-from vaultflow.storage.restorer import ChunkWriter, Restorer
+from vaultflow.storage.restorer import ChunkWriter
 
 HERE = f"{socket.gethostname()}:{os.getpid()}"  # how a batch written in this (the flow's) process names itself
 
@@ -135,26 +134,10 @@ def test_a_damaged_pack_read_by_a_worker_fails_its_files_by_name_and_finish_coun
 @pytest.mark.parametrize("swap", ["dir-to-link", "file-to-link", "file-to-hardlink", "target-replaced"])
 def test_a_worker_refuses_entries_swapped_after_prepare_and_nothing_outside_changes(tmp_path, swap):
     """The worker side at the storage level: a ChunkWriter loaded from the plan file, as a worker process does."""
-    repo = Repository.init(str(tmp_path / "repo"), "pw", kdf=FAST_KDF)
-    table = repo.files_table(malicious_snapshot(repo, ROWS))
-    outside = outside_folder(tmp_path, {"f.txt": b"precious", "h": b"pwned", "x.txt": b"pwned", "y.txt": b"mine"})
-    target = tmp_path / "target"
-    restorer = Restorer(repo, table, str(target))
-    packs = restorer.prepare()
+    repo, restorer, packs, target, outside = prepared(tmp_path)
     plan = restorer.save_plan(tmp_path / "scratch" / "plan")
     assert os.stat(plan).st_mode & 0o777 == 0o700
-    if swap == "dir-to-link":  # restore's own directory moves away, a link to the outside folder takes its place
-        os.rename(target / "d", tmp_path / "moved-d")
-        os.symlink(outside, target / "d")
-    elif swap == "file-to-link":
-        os.unlink(target / "x.txt")
-        os.symlink(outside / "x.txt", target / "x.txt")
-    elif swap == "file-to-hardlink":  # another inode under the file's name: a hard link to an outside file
-        os.unlink(target / "y.txt")
-        os.link(outside / "y.txt", target / "y.txt")
-    else:  # the whole target renamed away, another folder put in its place
-        os.rename(target, tmp_path / "moved-target")
-        os.mkdir(target)
+    swap_entry(swap, target, outside)
     before = state(outside)
     worker = ChunkWriter.load(Repository.open(repo.url, "pw"), plan)  # what a worker process builds
     written = worker.write(packs)
