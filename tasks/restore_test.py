@@ -30,7 +30,6 @@ class Sample(BaseModel):
     serial: int
     root: str | None  # where the source was read from, if it was a local path
     raw_paths: list[str]  # hex of the exact path bytes (names need not be UTF-8)
-    bytes: int = 0  # their size: how much the test will restore
 
 
 class FileCheck(BaseModel):
@@ -55,12 +54,11 @@ def pick_samples(run: context.Run, snapshot: str | None, sample: int, everything
         rid, record = found
         table = repo.files_table(record)
         files = table.filter(pc.and_(pc.equal(table["type"], "file"), pc.is_valid(table["chunks"])))
-        paths, sizes = raw_paths(files).to_pylist(), files["size"].to_pylist()
-        picked = list(range(len(paths))) if everything else \
-            sorted(random.sample(range(len(paths)), min(sample, len(paths))), key=paths.__getitem__)
+        paths = raw_paths(files).to_pylist()
+        if not everything:
+            paths = sorted(random.sample(paths, min(sample, len(paths))))
         out.append(Sample(snapshot=rid, source=record.source, serial=record.serial,
-                          root=record.paths[0] if record.paths else None, raw_paths=[paths[i].hex() for i in picked],
-                          bytes=sum(sizes[i] for i in picked)))
+                          root=record.paths[0] if record.paths else None, raw_paths=[p.hex() for p in paths]))
     return out
 
 
