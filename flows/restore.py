@@ -38,7 +38,7 @@ def restore(snapshot: str, target: str, includes: list[str] | None = None, overw
             runs.mark_crashed(lock.removed)
             plan = plan_restore(run, snapshot, target, includes or [], overwrite, task_runner)
             progress.start(run, plan.bytes, plan.entries, key="restore-progress", description="bytes written")
-            with runner.pool(plan.task_runner, plan.bytes) as pool:
+            with runner.pool(plan.task_runner) as pool:
                 futures = runner.map_tasks(pool, restore_packs, run=unmapped(run), plan_path=unmapped(plan.plan_path),
                                            packs=plan.pack_batches)
                 writers: set[str] = set()

@@ -19,7 +19,6 @@ TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 
 class StructureResult(BaseModel):
     problems: int
-    bytes: int  # of the packs to read
     pack_batches: list[list[str]]
 
 
@@ -31,7 +30,6 @@ def check_structure(run: context.Run, read_data: bool, subset: str | None,
     checker.structure()
     packs = checker.select_packs(subset) if read_data or subset else []
     return StructureResult(problems=len(checker.report.problems),
-                           bytes=sum(checker.pack_sizes.get(p, 0) for p in packs),
                            pack_batches=[packs[i:i + packs_per_batch] for i in range(0, len(packs), packs_per_batch)])
 
 
