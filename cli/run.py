@@ -60,10 +60,11 @@ def _open_first(s: settings.RepoSettings) -> Any:
 
 
 def _check_paths(paths: list[str]) -> None:
-    """Local paths that do not exist are a typo, refused before the flow run (URLs are the source's business)."""
-    for p in paths:
-        if "://" not in p and not os.path.lexists(p):
-            raise VaultflowError(f"cannot back up {p}: no such file or directory")
+    """A typo — a local path that does not exist, a URL no source reads, a database that does not answer — is
+    refused before the flow run exists, so it pages nobody."""
+    from vaultflow.tasks import sources
+
+    sources.for_paths(paths).check()
 
 
 def _run(runtime: Any, label: str, flow_name: str, **params: Any) -> Any:

@@ -5,8 +5,6 @@ Each step is a Prefect task; the flow body is the runbook.
 
 from __future__ import annotations
 
-import os
-import re
 import time
 
 from prefect import flow, unmapped
@@ -14,11 +12,12 @@ from prefect import flow, unmapped
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.storage.manifest import check_source_name
 from vaultflow.storage.snapshot import utc_now
-from vaultflow.tasks import context, progress, runner, runs
+from vaultflow.tasks import context, progress, runner, runs, sources
 from vaultflow.tasks.backup import (
     BatchResult,
     batch_files,
     commit_snapshot,
+    discover,
     find_lineage,
     keep_results,
     open_repository,
@@ -28,8 +27,6 @@ from vaultflow.tasks.backup import (
     write_manifest,
 )
 from vaultflow.tasks.report import BackupSummary, report
-from vaultflow.tasks.sources.filesystem import discover, source_root
-from vaultflow.tasks.sources.fsspec_tree import is_url
 from vaultflow.tasks.witness import publish_commit
 
 
@@ -38,25 +35,25 @@ class ErrorBudgetExceeded(VaultflowError):
 
 
 def default_source_name(paths: list[str]) -> str:
-    """A stable source name from the absolute path (or the paths' common folder): /home/ann/data → home-ann-data."""
-    where = paths[0].replace("://", "-") if is_url(paths[0]) else source_root(paths)
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", where).strip("-.")
-    return slug[:128] or "root"
+    """A stable source name from what is backed up: /home/ann/data → home-ann-data (the source's own rule)."""
+    return sources.for_paths(paths).default_name()
 
 
 @flow(name="backup", task_runner=runner.thread_runner())
 def backup(paths: list[str], source: str | None = None, repository: str | None = None, full: bool = False,
            excludes: list[str] | None = None, error_budget: int = 100, verify_sample: int = 8,
            password_secret: str | None = None, lock_wait: float = 0.0, task_runner: str = "auto") -> BackupSummary:
-    """Back up the trees and files at `paths` as a new snapshot of `source` (default: named after the paths).
+    """Back up what `paths` name — local trees and files, or one URL of any registered source (s3://…,
+    postgresql://…, sqlite:///…; tasks/sources/) — as a new snapshot of `source` (default: named after them).
 
     One directory is stored relative to itself; several paths relative to their common folder, so a restore
     recreates them side by side. Another backup of the same source holding the lock is waited for up to
     `lock_wait` seconds, then the run fails clearly: two backups of one source never interleave.
     `task_runner`: where the batches run — auto, threads, processes or dask://HOST:PORT (tasks/runner.py)."""
     t0 = time.monotonic()
-    paths = [p if is_url(p) else os.path.abspath(p) for p in paths]
-    source = check_source_name(source or default_source_name(paths))
+    src = sources.for_paths(paths)
+    paths = src.shown_paths  # absolute local paths, or the URL without credentials
+    source = check_source_name(source or src.default_name())
     run = open_repository(repository, password_secret)
     state = context.get(run)
     try:
@@ -73,12 +70,12 @@ def backup(paths: list[str], source: str | None = None, repository: str | None =
             # the leftovers just adopted (indexed now, so a worker's index has them and does not store them again).
             run = run.model_copy(update={"lost_packs": tuple(state.session.missing_packs)})
             state.session.write_index()
-            plan = plan_changes(run, listing.listing, parent, full)
+            plan = plan_changes(run, listing.listing, parent, full, listing.source.streams)
             progress.start(run, plan.bytes_to_read, plan.files_to_read)
             read_list = context.read_ipc(state.scratch / "read.arrow")
             done: list[BatchResult] = []
             with runner.pool(task_runner, plan.files_to_read, runner.BACKUP_PROCESSES_FROM_FILES) as pool:
-                futures = runner.map_tasks(pool, process_batch, run=unmapped(run), root=unmapped(listing.root),
+                futures = runner.map_tasks(pool, process_batch, run=unmapped(run), source=unmapped(listing.source),
                                            start=[b[0] for b in plan.batches],
                                            files=[batch_files(read_list, *b) for b in plan.batches])
                 for future in runner.as_completed(futures):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -16,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .crypto import keyed_hash
+from .errors import SourceError
 from .manifest import FILES_SCHEMA, ID, raw_paths
 from .pack import BlobType
 from .repository import Repository
@@ -92,9 +95,12 @@ class BatchStats:
 
 
 class RemoteFiles(Protocol):
-    """Files that are not on a local filesystem (an fsspec source): opened and identified by listing key."""
+    """Entries that are not local files (tasks.sources.base.Reader): an fsspec tree, or streams of unknown length
+    whose producer's failure surfaces as an exception when the stream is closed."""
 
-    def open(self, key: bytes) -> BinaryIO: ...
+    streams: bool
+
+    def open(self, key: bytes) -> AbstractContextManager[BinaryIO]: ...
 
     def identity(self, key: bytes) -> tuple[int, int, int]: ...  # size, mtime_ns, version identity
 
@@ -103,6 +109,9 @@ def archive_files(repo: Repository, session: WriteSession, root: str, keys: list
                   remote: RemoteFiles | None = None,
                   idents: list[tuple[int, int]] | None = None) -> tuple[pa.Table, BatchStats]:
     """Read, chunk, hash and pack each file under `root` (or of `remote`); returns one result row per file.
+
+    A file that cannot be read is an error row (the snapshot records it); a stream that cannot be read raises
+    SourceError (the snapshot fails: a partial dump is not a backup).
 
     `idents` are the listing's (dev, inode) of each local file: a file whose opened inode is another one was
     replaced since it was listed (perhaps by a link to a file its owner could not read) and is not stored.
@@ -117,7 +126,9 @@ def archive_files(repo: Repository, session: WriteSession, root: str, keys: list
         for i, key in enumerate(keys):
             result: tuple[object, ...]
             try:
-                if remote is not None:
+                if remote is not None and remote.streams:
+                    result = _archive_stream(remote, key, chunker, packer, session, id_key, file_key, stats)
+                elif remote is not None:
                     result = _archive_remote(remote, key, chunker, packer, session, id_key, file_key, stats)
                 else:
                     if dirs is None:
@@ -243,6 +254,19 @@ def _archive_remote(remote: RemoteFiles, key: bytes, chunker, packer, session, i
     if remote.identity(key)[:2] != (size, mtime) or read != size:
         error = f"changed while being read ({size} bytes listed, {read} read); stored what was read"
     return digest, ids, read, mtime, mtime, ident, error
+
+
+def _archive_stream(remote: RemoteFiles, key: bytes, chunker, packer, session, id_key, file_key,  # type: ignore[no-untyped-def]
+                    stats: BatchStats) -> tuple[object, ...]:
+    try:
+        with remote.open(key) as f:
+            digest, ids, read = _chunk_stream(f, chunker, packer, session, id_key, file_key, stats)
+    except OSError as e:
+        raise SourceError(f"stream {key.decode(errors='replace')} could not be read: {e.strerror or e}; "
+                          "nothing was committed") from None
+    stats.bytes_read += read
+    now = time.time_ns()
+    return digest, ids, read, now, now, 0, None
 
 
 def files_table(plan: pa.Table, read_rows: pa.Table, results: pa.Table) -> pa.Table:

@@ -69,6 +69,16 @@ SNAPSHOTS_SCHEMA = pa.schema([
     pa.field("manifest", pa.string()),  # the files manifest this record committed (object name)
 ], metadata={"vaultflow.schema": "snapshots", "vaultflow.schema_version": str(SCHEMA_VERSION)})
 
+# Per table of a database source, counted inside the same consistent snapshot as its dump (or from the dump's
+# own bytes): a restore test restores the stream into a scratch database and compares. Listed in the record's
+# manifests, so it is authenticated like the files table.
+DATABASES_SCHEMA = pa.schema([
+    pa.field("stream", pa.string()),  # the entry (dump) the table is in, as in the files table's path
+    pa.field("table", pa.string()),  # schema-qualified where the database has schemas
+    pa.field("rows", pa.int64()),
+    pa.field("checksum", pa.string()),  # where the database offers a cheap one; else null
+], metadata={"vaultflow.schema": "databases", "vaultflow.schema_version": str(SCHEMA_VERSION)})
+
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ROW_GROUP = 65536
 
@@ -96,6 +106,10 @@ def content_named(base: str, data: bytes) -> str:
 
 def errors_name(source: str, serial: int) -> str:
     return f"tables/errors/source={source}/snapshot={serial}/errors.parquet"
+
+
+def databases_name(source: str, serial: int, private: bool = False) -> str:
+    return f"tables/databases/source={source}/snapshot={serial}/databases.parquet" + (".enc" if private else "")
 
 
 def snapshots_name(source: str, serial: int) -> str:

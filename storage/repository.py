@@ -438,6 +438,19 @@ class Repository:
                                  "(see `vaultflow snapshots`)")
         return hits[0]
 
+    def databases_table(self, record: SnapshotRecord) -> Any:
+        """The per-table row counts a database source recorded (a pyarrow Table), or None for other sources."""
+        from . import manifest
+
+        found = [(n, h) for n, h in record.manifests.items() if n.startswith("tables/databases/")]
+        if not found:
+            return None
+        [(name, digest)] = found[:1]
+        data = self.read_object(name, digest)
+        if name.endswith(".enc"):
+            data = manifest.open_manifest(self.master.manifest_key, data, name)
+        return manifest.from_parquet(data, manifest.DATABASES_SCHEMA, name)
+
     def files_table(self, record: SnapshotRecord) -> Any:
         """The snapshot's files table (a pyarrow Table), checked against the hash in its record."""
         from . import manifest

@@ -25,7 +25,9 @@ from vaultflow.storage.snapshot import SnapshotRecord, parse_utc
 
 from . import context, settings, witness
 from .retry import RETRY
-from .sources.fsspec_tree import FsspecTree, is_url
+from .sources import SourceSpec
+from .sources import for_paths as source_for
+from .sources import reader as source_reader
 
 # Tasks hold no cacheable inputs (a run key means nothing to another run) and return small models.
 TASK = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -101,21 +103,55 @@ def find_lineage(run: context.Run, source: str) -> Lineage:
                    serial=serial, previous=previous)
 
 
+class ListingInfo(BaseModel):
+    """What `discover` found; the listing itself stays on local scratch."""
+
+    source: SourceSpec  # how any worker reads the entries
+    listing: str
+    entries: int
+    files: int
+    bytes: int
+    errors: list[tuple[str, str]]  # (hex of the exact path bytes, message): names need not be UTF-8
+
+
 @task(**TASK)
-def plan_changes(run: context.Run, listing_path: str, parent: Parent | None, full: bool,
+def discover(run: context.Run, paths: list[str], excludes: list[str]) -> ListingInfo:
+    """List what the source holds into an Arrow listing on the run's scratch. The source's capture stays open
+    until the run ends: a database source holds its consistent snapshot (and has counted rows inside it)."""
+    state = context.get(run)
+    src = source_for(paths)
+    cap = state.holds.enter_context(src.capture(state.scratch, excludes))
+    spec = src.spec(cap)
+    context.write_ipc(cap.listing, state.scratch / "listing.arrow")
+    if cap.tables:
+        context.write_ipc(pa.Table.from_pylist(cap.tables, schema=manifest.DATABASES_SCHEMA),
+                          state.scratch / "tables-capture.arrow")
+    files = cap.listing.filter(pc.equal(cap.listing["type"], "file"))
+    if spec.streams:
+        get_run_logger().info("%s: %d streams in one consistent capture", spec.url, files.num_rows)
+    return ListingInfo(source=spec, listing=str(state.scratch / "listing.arrow"), entries=cap.listing.num_rows,
+                       files=files.num_rows, bytes=int(pc.sum(files["size"]).as_py() or 0),
+                       errors=[(p.hex(), m) for p, m in cap.errors])
+
+
+@task(**TASK)
+def plan_changes(run: context.Run, listing_path: str, parent: Parent | None, full: bool, streams: bool = False,
                  batch_bytes: int = 64 << 20, batch_files: int = 2048) -> Plan:
-    """Join the listing with the parent manifest; write the plan and the files to read to scratch."""
+    """Join the listing with the parent manifest; write the plan and the files to read to scratch. A stream
+    source's entries are always read (`streams`): nothing but their content says whether they changed."""
     state = context.get(run)
     listing = context.read_ipc(listing_path)
     parent_files = state.repo.files_table(state.repo.snapshot(parent.id)) if parent else None
-    plan = archiver.plan_changes(listing, parent_files, parent.started_ns if parent else 0, full)
+    plan = archiver.plan_changes(listing, parent_files, parent.started_ns if parent else 0, full or streams)
     plan = _reread_lost(plan, state.repo.index)
     to_read = plan.filter(plan["read"])
     context.write_ipc(plan, state.scratch / "plan.arrow")
     context.write_ipc(to_read, state.scratch / "read.arrow")
     sizes = to_read["size"].to_pylist()
     files = plan.filter(pc.equal(plan["type"], "file"))
-    return Plan(batches=archiver.batches(sizes, batch_bytes, batch_files), files=files.num_rows,
+    # Streams have no size to balance by: one per batch, so several dumps run side by side
+    ranges = [(i, i + 1) for i in range(len(sizes))] if streams else archiver.batches(sizes, batch_bytes, batch_files)
+    return Plan(batches=ranges, files=files.num_rows,
                 files_to_read=to_read.num_rows, bytes_total=int(pc.sum(files["size"]).as_py() or 0),
                 bytes_to_read=sum(sizes), entries=plan.num_rows)
 
@@ -145,6 +181,7 @@ class BatchResult(BaseModel):
     index_files: list[str]  # the index files this batch wrote for its packs (durable before it returned)
     blob_ids: bytes  # the ids of the blobs it stored, 32 bytes each: two workers may store the same one
     stats: dict[str, int]
+    tables: bytes = b""  # Arrow IPC of manifest.DATABASES_SCHEMA: row counts a stream source learnt while read
 
 
 def batch_files(read: pa.Table, start: int, end: int) -> bytes:
@@ -153,21 +190,23 @@ def batch_files(read: pa.Table, start: int, end: int) -> bytes:
 
 
 @task(**RETRY, **TASK)
-def process_batch(run: context.Run, root: str, start: int, files: bytes) -> BatchResult:
-    """Read, chunk, hash, compress, encrypt and pack one batch of files, in whatever process or machine the task
-    runner chose. The batch has its own write session: its last pack is uploaded and its index file written
-    before it returns, so nothing it stored depends on another process."""
+def process_batch(run: context.Run, source: SourceSpec, start: int, files: bytes) -> BatchResult:
+    """Read, chunk, hash, compress, encrypt and pack one batch of files (or streams), in whatever process or
+    machine the task runner chose. The batch has its own write session: its last pack is uploaded and its index
+    file written before it returns, so nothing it stored depends on another process."""
     repo = context.repository(run)
     read = context.table_from_bytes(files)
-    remote = FsspecTree(root, settings.source_storage_options()) if is_url(root) else None
+    remote = source_reader(source)
     idents = None if remote else list(zip(read["dev"].to_pylist(), read["inode"].to_pylist(), strict=True))
+    keys = read["key"].to_pylist()
     session = repo.write_session()
     try:
-        results, stats = archiver.archive_files(repo, session, root, read["key"].to_pylist(), remote, idents)
+        results, stats = archiver.archive_files(repo, session, source.root, keys, remote, idents)
         session.flush()
         index_files = session.write_index()
     finally:
         session.close()
+    tables = [row for key in keys for row in remote.tables(key)] if remote is not None and remote.streams else []
     if stats.errors:
         logger = get_run_logger()
         for path, err in zip(read["path"].to_pylist(), results["error"].to_pylist(), strict=True):
@@ -177,7 +216,9 @@ def process_batch(run: context.Run, root: str, start: int, files: bytes) -> Batc
     return BatchResult(start=start, results=context.table_to_bytes(results), index_files=index_files,
                        blob_ids=b"".join(session.blob_ids),
                        stats={**stats.__dict__, "blobs_new": s.blobs_new, "bytes_added": s.bytes_new_raw,
-                              "bytes_stored": s.bytes_new_stored, "packs_uploaded": s.packs_uploaded})
+                              "bytes_stored": s.bytes_new_stored, "packs_uploaded": s.packs_uploaded},
+                       tables=context.table_to_bytes(pa.Table.from_pylist(tables, schema=manifest.DATABASES_SCHEMA))
+                       if tables else b"")
 
 
 def keep_results(run: context.Run, done: list[BatchResult]) -> dict[str, int]:
@@ -189,6 +230,8 @@ def keep_results(run: context.Run, done: list[BatchResult]) -> dict[str, int]:
     stored = 0
     for b in done:
         context.write_ipc(context.table_from_bytes(b.results), scratch / f"result-{b.start:012d}.arrow")
+        if b.tables:
+            context.write_ipc(context.table_from_bytes(b.tables), scratch / f"tables-{b.start:012d}.arrow")
         for k, v in b.stats.items():
             totals[k] = totals.get(k, 0) + v
         ids.update(b.blob_ids[i:i + 32] for i in range(0, len(b.blob_ids), 32))
@@ -228,6 +271,18 @@ def write_manifest(run: context.Run, source: str, serial: int, discover_errors: 
     else:
         name = manifest.content_named(manifest.files_name(source, serial), data)
     objects[name] = repo.write_object(name, data)
+    tables = [context.read_ipc(p) for p in sorted(state.scratch.glob("tables-*.arrow"))]
+    if tables:  # per-table evidence of a database source: authenticated through the record like the files
+        tdata = manifest.to_parquet(pa.concat_tables(tables).sort_by([("stream", "ascending"),
+                                                                      ("table", "ascending")]))
+        private = repo.config.private_manifests
+        if private:
+            salt = os.urandom(32)
+            tname = manifest.content_named(manifest.databases_name(source, serial, True), salt)
+            tdata = manifest.seal_manifest(repo.master.manifest_key, salt, tdata, tname)
+        else:
+            tname = manifest.content_named(manifest.databases_name(source, serial), tdata)
+        objects[tname] = repo.write_object(tname, tdata)
     errors = manifest.errors_table(files, [(bytes.fromhex(h), m) for h, m in discover_errors])
     if errors.num_rows and not repo.config.private_manifests:
         edata = manifest.to_parquet(errors)

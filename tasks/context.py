@@ -10,12 +10,13 @@ worker's VAULTFLOW_STORAGE_OPTIONS, never from parameters (they may hold credent
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -51,6 +52,7 @@ class RunState:
     restorer: Restorer | None = None
     checker: Checker | None = None
     lock: Lock | None = None  # the lock the run holds, proven before its commit
+    holds: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # a source's capture, until close
 
 
 _runs: dict[str, RunState] = {}
@@ -135,9 +137,12 @@ def close(run: Run) -> None:
         state = _runs.pop(run.session, None)
         _opened.pop(run.session, None)
     if state is not None:
-        if state.session is not None:
-            state.session.close()
-        shutil.rmtree(state.scratch, ignore_errors=True)
+        try:
+            state.holds.close()  # a database source's snapshot ends here, after the commit (or the failure)
+        finally:
+            if state.session is not None:
+                state.session.close()
+            shutil.rmtree(state.scratch, ignore_errors=True)
 
 
 def write_ipc(table: pa.Table, path: Path | str) -> None:

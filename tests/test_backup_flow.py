@@ -112,7 +112,7 @@ def test_plan_marks_racy_and_unchanged_rows():
     import pyarrow as pa
 
     from vaultflow.storage.manifest import FILES_SCHEMA
-    from vaultflow.tasks.sources.filesystem import LISTING_SCHEMA
+    from vaultflow.tasks.sources.base import LISTING_SCHEMA
 
     now = time.time_ns()  # the parent backup started now
     base = {"raw_path": None, "type": "file", "size": 5, "mode": 0o100644, "uid": 0, "gid": 0, "ctime_ns": 1,

@@ -5,34 +5,22 @@ Names are kept as raw bytes end to end, so names that are not UTF-8 survive byte
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import os
 import stat
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from vaultflow.storage.errors import SourceError
 
-if TYPE_CHECKING:
-    from vaultflow.tasks import context
+from .base import LISTING_SCHEMA, Capture, Reader, Source, SourceSpec, held, slug
 
 _TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
           stat.S_IFSOCK: "socket", stat.S_IFCHR: "char", stat.S_IFBLK: "block"}
-
-LISTING_SCHEMA = pa.schema([
-    ("key", pa.binary()), ("path", pa.string()), ("raw_path", pa.binary()), ("type", pa.string()),
-    ("size", pa.int64()), ("mode", pa.uint32()), ("uid", pa.uint32()), ("gid", pa.uint32()),
-    ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()), ("inode", pa.uint64()), ("dev", pa.uint64()),
-    ("nlink", pa.uint32()), ("link_target", pa.binary()),
-])
-
 
 def _excluded(rel: bytes, name: bytes, patterns: list[str]) -> bool:
     text, base = os.fsdecode(rel), os.fsdecode(name)
@@ -228,34 +216,40 @@ def scan(paths: list[str] | str, excludes: list[str] | None = None) -> tuple[pa.
     return table, errors, root
 
 
-class ListingInfo(BaseModel):
-    """What `discover` found; the listing itself stays on local scratch."""
+class Filesystem(Source):
+    """Local paths (or file:// URLs): one folder, or several paths stored relative to their common folder."""
 
-    listing: str
-    root: str
-    entries: int
-    files: int
-    bytes: int
-    errors: list[tuple[str, str]]  # (hex of the exact path bytes, message): names need not be UTF-8
+    kind = "filesystem"
+    priority = -1  # a path with no scheme, or file://
 
+    def __init__(self, paths: list[str]) -> None:
+        super().__init__([os.path.abspath(p.removeprefix("file://")) for p in paths])
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def discover(run: context.Run, paths: list[str], excludes: list[str]) -> ListingInfo:
-    """Walk local trees into an Arrow listing on the run's scratch space."""
-    from vaultflow.tasks import context, settings
+    @classmethod
+    def matches(cls, path: str) -> bool:
+        return "://" not in path or path.lower().startswith("file://")
 
-    from .fsspec_tree import FsspecTree, is_url
+    @property
+    def url(self) -> str:
+        return self.paths[0]
 
-    if any(is_url(p) for p in paths):
-        if len(paths) != 1:
-            raise SourceError("a URL is backed up on its own: give one URL per backup")
-        root = paths[0].rstrip("/")
-        table, errors = FsspecTree(root, settings.source_storage_options()).scan(excludes)
-    else:
-        table, errors, root = scan(paths, excludes)
-    out = context.get(run).scratch / "listing.arrow"
-    context.write_ipc(table, out)
-    files = table.filter(pc.equal(table["type"], "file"))
-    return ListingInfo(listing=str(out), root=root, entries=table.num_rows, files=files.num_rows,
-                       bytes=int(pc.sum(files["size"]).as_py() or 0),
-                       errors=[(p.hex(), m) for p, m in errors])
+    @property
+    def shown_paths(self) -> list[str]:
+        return self.paths
+
+    def default_name(self) -> str:
+        """/home/ann/data → home-ann-data (several paths: named after their common folder)."""
+        return slug(source_root(self.paths))
+
+    def check(self) -> None:
+        for p in self.paths:
+            if not os.path.lexists(p):
+                raise SourceError(f"cannot back up {p}: no such file or directory")
+
+    def capture(self, scratch: Path, excludes: list[str]) -> contextlib.AbstractContextManager[Capture]:
+        table, errors, root = scan(self.paths, excludes)
+        return held(Capture(listing=table, root=root, errors=errors))
+
+    @classmethod
+    def reader(cls, spec: SourceSpec) -> Reader | None:
+        return None  # the archiver reads local files itself, descriptor-relative and never through a symlink

@@ -7,9 +7,11 @@ timestamp is still seen as a change.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import stat
 from datetime import datetime
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import blake3
@@ -18,13 +20,7 @@ import pyarrow as pa
 
 from vaultflow.storage.errors import SourceError
 
-from .filesystem import LISTING_SCHEMA
-
-
-def is_url(path: str) -> bool:
-    """A path with a protocol other than the local filesystem's."""
-    protocol = path.split("://", 1)[0] if "://" in path else ""
-    return bool(protocol) and protocol not in ("file", "local")
+from .base import LISTING_SCHEMA, Capture, Source, SourceSpec, held, scheme_of, slug
 
 
 def _mtime_ns(info: dict[str, Any]) -> int:
@@ -81,11 +77,47 @@ class FsspecTree:
                          "link_target": None})
         return pa.Table.from_pylist(rows, schema=LISTING_SCHEMA).sort_by("key"), []
 
-    def open(self, key: bytes) -> BinaryIO:
+    streams = False
+
+    def open(self, key: bytes) -> contextlib.AbstractContextManager[BinaryIO]:
         f: BinaryIO = self.fs.open(f"{self.root}/{key.decode()}", "rb", block_size=8 << 20)
-        return f
+        return f  # type: ignore[return-value]  # fsspec files are their own context managers
+
+    def tables(self, key: bytes) -> list[dict[str, Any]]:
+        return []
 
     def identity(self, key: bytes) -> tuple[int, int, int]:
         """(size, mtime_ns, version identity) of the object now, to notice a change while it was read."""
         info = self.fs.info(f"{self.root}/{key.decode()}")
         return int(info.get("size") or 0), _mtime_ns(info), _identity(info)
+
+
+class FsspecSource(Source):
+    """A folder at any fsspec URL other than the local filesystem's (s3://bucket/prefix, memory://, gcs://, …).
+    Options (credentials included) come from VAULTFLOW_SOURCE_STORAGE_OPTIONS, never from the URL's parameters."""
+
+    kind = "fsspec"
+
+    @classmethod
+    def matches(cls, path: str) -> bool:
+        scheme = scheme_of(path)
+        return bool(scheme) and scheme not in ("file", "local") and scheme in fsspec.available_protocols()
+
+    @property
+    def url(self) -> str:
+        return self.paths[0].rstrip("/")
+
+    def default_name(self) -> str:
+        return slug(self.url.replace("://", "-"))
+
+    def capture(self, scratch: Path, excludes: list[str]) -> contextlib.AbstractContextManager[Capture]:
+        from vaultflow.tasks import settings
+
+        table, errors = FsspecTree(self.url, settings.source_storage_options()).scan(excludes)
+        return held(Capture(listing=table, root=self.url, errors=errors))
+
+    @classmethod
+    def reader(cls, spec: SourceSpec) -> FsspecTree:
+        from vaultflow.tasks import settings
+
+        return FsspecTree(spec.root, settings.source_storage_options())
