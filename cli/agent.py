@@ -44,6 +44,7 @@ WARM_MODULES = (
     "prefect.events.worker", "prefect.logging.handlers", "prefect.task_runners", "prefect.blocks.system",
     "fastapi.encoders", "rich.console", "rich.progress",
     "vaultflow.flows.backup", "vaultflow.flows.restore", "vaultflow.flows.check", "vaultflow.flows.restore_test",
+    "vaultflow.flows.restore_database",
     "vaultflow.flows.runtime", "vaultflow.run", "vaultflow.show", "vaultflow.cli",
 )
 LAZY_MODULES = (

@@ -174,12 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Like parse_args, except that `ls SNAPSHOT -l PATH` works: argparse fills the optional positional PATH
-    with nothing when an option separates it from SNAPSHOT, and leaves PATH over."""
+    """Like parse_args, except that `ls SNAPSHOT -l PATH` and `restore SNAPSHOT --stream NAME -` work: argparse
+    fills an optional positional with nothing when an option separates it from SNAPSHOT, and leaves it over."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "ls" and args.path is None and len(extra) == 1 and not extra[0].startswith("-"):
-        args.path = extra.pop()
+    late = {"ls": "path", "restore": "target"}.get(args.command)  # the optional positional after options
+    if late and getattr(args, late) is None and len(extra) == 1 and (extra[0] == "-" or extra[0][:1] != "-"):
+        setattr(args, late, extra.pop())
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args

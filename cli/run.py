@@ -59,12 +59,15 @@ def _open_first(s: settings.RepoSettings) -> Any:
     return repo
 
 
-def _check_paths(paths: list[str]) -> None:
+def _check_paths(paths: list[str]) -> list[str]:
     """A typo — a local path that does not exist, a URL no source reads, a database that does not answer — is
-    refused before the flow run exists, so it pages nobody."""
+    refused before the flow run exists, so it pages nobody. Returns the paths as the flow run may carry them: a
+    password typed into a URL has moved into this process's environment (tasks.sources.base.split_password)."""
     from vaultflow.tasks import sources
 
-    sources.for_paths(paths).check()
+    src = sources.for_paths(paths)
+    src.check()
+    return src.shown_paths
 
 
 def _run(runtime: Any, label: str, flow_name: str, **params: Any) -> Any:
@@ -107,9 +110,11 @@ def _committed_since(repo: Any, started: str, paths: list[str]) -> Any:
     repository, the source of truth, is asked)."""
     import socket
 
-    absolute = [p if "://" in p else os.path.abspath(p) for p in paths]
+    from vaultflow.tasks import sources
+
+    shown = sources.for_paths(paths).shown_paths  # as the record keeps them
     mine = [(rid, r) for rid, r in repo.snapshots().items()
-            if r.started >= started and r.host == socket.gethostname() and r.paths == absolute]
+            if r.started >= started and r.host == socket.gethostname() and r.paths == shown]
     return max(mine, key=lambda item: item[1].started, default=None)
 
 
@@ -210,13 +215,25 @@ def _fast_exit(code: int) -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    if args.stdin_from_command:
+        from vaultflow.tasks.sources.command import command_path
+
+        if args.paths:
+            raise VaultflowError("--stdin-from-command backs up the command's output alone; give no paths as well")
+        # the stream's name travels in the path, the one thing that reaches capture, workers and the record
+        args.paths = [command_path(args.stdin_from_command, args.stdin_filename)]
+        args.stdin_from_command = args.stdin_filename = None  # converted once (an agent child parses again)
+    elif args.stdin_filename:
+        raise VaultflowError("--stdin-filename names the stream of --stdin-from-command; give that too")
+    if not args.paths:
+        raise VaultflowError("nothing to back up: name paths, a source URL or --stdin-from-command COMMAND")
     rc = _via_agent(args)
     return rc if rc is not None else _direct(_backup, args)
 
 
 def _backup(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
-    _check_paths(args.paths)
+    paths = _check_paths(args.paths)
     runtime = _prefect(args.verbose)  # before anything imports prefect (a Secret block password does)
     repo = _open_first(s)
     from vaultflow.flows.backup import ErrorBudgetExceeded
@@ -224,7 +241,7 @@ def _backup(args: argparse.Namespace) -> int:
 
     started = utc_now()
     try:
-        summary = _run(runtime, "backup", "backup", paths=args.paths, source=args.source, repository=s.url,
+        summary = _run(runtime, "backup", "backup", paths=paths, source=args.source, repository=s.url,
                        full=args.full, excludes=args.exclude, error_budget=args.error_budget,
                        verify_sample=args.verify_sample, password_secret=s.password_secret,
                        lock_wait=args.retry_lock, **_runner(args))
@@ -232,7 +249,7 @@ def _backup(args: argparse.Namespace) -> int:
         print(f"vaultflow: error: {e}", file=sys.stderr)
         return 3
     except OrchestratorLost as e:
-        return _report_committed(repo, str(e), started, args.paths)
+        return _report_committed(repo, str(e), started, paths)
     _print_rows(summary.rows())
     if summary.errors:
         print(f"{summary.errors} files could not be read completely; see `vaultflow ls {summary.snapshot[:12]} -l`"
@@ -242,11 +259,18 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.target == "-":  # bytes to stdout: this process's stdout, so neither the agent nor a flow run
+        return _dump(args)
     rc = _via_agent(args)
     return rc if rc is not None else _direct(_restore, args)
 
 
 def _restore(args: argparse.Namespace) -> int:
+    if args.to_database:
+        return _restore_database(args)
+    if args.target is None:
+        raise VaultflowError("name a folder to restore into, `-` with --stream NAME for stdout, or "
+                             "--to-database URL")
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
     if os.path.lexists(args.target) and not os.path.isdir(args.target):
         raise VaultflowError(f"cannot restore into {args.target}: it exists and is not a directory; name a new or "
@@ -254,11 +278,45 @@ def _restore(args: argparse.Namespace) -> int:
     runtime = _prefect(args.verbose)
     _open_first(s).find_snapshot(args.snapshot)  # an unknown snapshot is a typo, not a failed run
     summary = _run(runtime, "restore", "restore", snapshot=args.snapshot, target=args.target,
-                   includes=args.include,
+                   includes=[*args.include, *args.stream],
                    overwrite=args.overwrite, repository=s.url, password_secret=s.password_secret, **_runner(args))
     _print_rows(summary.rows())
     for path, why in summary.skipped.items():
         print(f"note: {path}: {why}", file=sys.stderr)
+    return 0
+
+
+def _restore_database(args: argparse.Namespace) -> int:
+    from vaultflow.tasks import sources
+
+    if args.target is not None:
+        raise VaultflowError("--to-database restores into the database it names; give no folder as well")
+    s = settings.resolve(args.repo, args.password_file, args.password_secret)
+    # A typo'd URL is refused here, before any flow run; a password typed into it moves into this process's
+    # environment, and the flow run's parameter is the URL without it.
+    database = sources.for_paths([args.to_database]).url
+    runtime = _prefect(args.verbose)
+    _open_first(s).find_snapshot(args.snapshot)
+    summary = _run(runtime, "restore", "restore_database", snapshot=args.snapshot, database=database,
+                   streams=args.stream, jobs=args.jobs, repository=s.url, password_secret=s.password_secret)
+    _print_rows(summary.rows())
+    return 0
+
+
+def _dump(args: argparse.Namespace) -> int:
+    """`restore SNAPSHOT --stream NAME -`: one entry's bytes to stdout, every chunk and the whole verified."""
+    from vaultflow.storage import dump
+    from vaultflow.storage.repository import Repository
+
+    if len(args.stream) != 1 or args.to_database:
+        raise VaultflowError("`-` writes one stream to stdout: name it with exactly one --stream NAME")
+    s = settings.resolve(args.repo, args.password_file, args.password_secret)
+    repo = Repository.open(s.url, s.password(), storage_options=s.storage_options)
+    _, record = repo.find_snapshot(args.snapshot)
+    row = dump.find_entry(repo.files_table(record), args.stream[0])
+    out = sys.stdout.buffer
+    dump.write_entry(repo, row, out)
+    out.flush()
     return 0
 
 
@@ -317,15 +375,20 @@ def _restore_test(args: argparse.Namespace) -> int:
     from vaultflow.flows.restore_test import RestoreTestFailed
 
     try:
-        checks = _run(runtime, "restore test", "restore_test", sample=args.sample, everything=args.all,
+        result = _run(runtime, "restore test", "restore_test", sample=args.sample, everything=args.all,
                       snapshot=args.snapshot, repository=s.url, password_secret=s.password_secret,
                       **_runner(args))
     except RestoreTestFailed as e:
         print(f"vaultflow: restore test FAILED: {e}", file=sys.stderr)
         return 1
+    checks = result.files
     compared = sum(c.compared_with_source for c in checks)
     print(f"restore test passed: {len(checks)} files, {sum(c.bytes for c in checks):,} bytes restored and "
           f"verified by hash; {compared} also compared byte for byte with the source")
+    if result.tables:
+        streams = len({(t.snapshot, t.stream) for t in result.tables})
+        print(f"  and {streams} database dumps loaded into scratch databases: {len(result.tables)} tables, "
+              f"{sum(t.recorded for t in result.tables):,} rows, every count as recorded at backup time")
     return 0
 
 
@@ -337,8 +400,15 @@ def _timings() -> bool:
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     b = sub.add_parser("backup", parents=[common], help="back up a file tree as a new snapshot (a Prefect flow run)")
-    b.add_argument("paths", nargs="+", metavar="PATH",
-                   help="directories and files to back up (several: stored relative to their common folder)")
+    b.add_argument("paths", nargs="*", metavar="PATH",
+                   help="directories and files to back up (several: stored relative to their common folder), or "
+                        "one URL of a source: s3://…, postgresql://user@host/db, mariadb://…, sqlite:///path.db")
+    b.add_argument("--stdin-from-command", metavar="COMMAND",
+                   help="back up the standard output of COMMAND (split like a shell would, never run by one) as "
+                        "one stream; a non-zero exit fails the snapshot. Its arguments are recorded in the snapshot: "
+                        "pass secrets through the environment")
+    b.add_argument("--stdin-filename", metavar="NAME",
+                   help="the stream's name in the snapshot (default: stdin)")
     b.add_argument("--source", help="source name (default: derived from the absolute path)")
     b.add_argument("--full", action="store_true", help="re-read every file instead of trusting unchanged metadata")
     b.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -353,9 +423,17 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
     r = sub.add_parser("restore", parents=[common], help="restore a snapshot into a folder, verifying every byte")
     r.add_argument("snapshot", help="id prefix, 'latest', SOURCE:latest or SOURCE:SERIAL")
-    r.add_argument("target", help="folder to restore into (must be empty unless --overwrite)")
+    r.add_argument("target", nargs="?", help="folder to restore into (must be empty unless --overwrite), or `-` "
+                   "to write the one --stream to stdout")
     r.add_argument("--include", action="append", default=[], metavar="PATH",
                    help="restore only this path and what is below it (repeatable)")
+    r.add_argument("--stream", action="append", default=[], metavar="NAME",
+                   help="a stream of the snapshot (a dump: see `vaultflow ls SNAPSHOT`); with `-` it goes to "
+                        "stdout, with --to-database only it is loaded (repeatable)")
+    r.add_argument("--to-database", metavar="URL",
+                   help="load a database source's snapshot into the database URL names (postgresql://…, "
+                        "mariadb://…, sqlite:///…); it must be new or empty")
+    r.add_argument("--jobs", type=int, default=2, help="parallel jobs of the database's loader (default 2)")
     r.add_argument("--overwrite", action="store_true", help="replace files that exist in the target")
     r.add_argument("--verbose", "-v", action="store_true", help="show Prefect's log lines")
     r.set_defaults(func=cmd_restore)

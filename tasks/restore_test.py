@@ -30,6 +30,7 @@ class Sample(BaseModel):
     serial: int
     root: str | None  # where the source was read from, if it was a local path
     raw_paths: list[str]  # hex of the exact path bytes (names need not be UTF-8)
+    database: bool = False  # a database source's snapshot: restored into a scratch database and counted
 
 
 class FileCheck(BaseModel):
@@ -58,7 +59,8 @@ def pick_samples(run: context.Run, snapshot: str | None, sample: int, everything
         if not everything:
             paths = sorted(random.sample(paths, min(sample, len(paths))))
         out.append(Sample(snapshot=rid, source=record.source, serial=record.serial,
-                          root=record.paths[0] if record.paths else None, raw_paths=[p.hex() for p in paths]))
+                          root=record.paths[0] if record.paths else None, raw_paths=[p.hex() for p in paths],
+                          database=any(n.startswith("tables/databases/") for n in record.manifests)))
     return out
 
 

@@ -92,7 +92,7 @@ def test_the_restore_test_runs_its_samples_on_worker_processes(awkward_repo):
     from vaultflow.flows.runtime import run_flow
 
     repo, _ = awkward_repo
-    checks = run_flow(restore_test, everything=True, repository=repo.url, task_runner="processes")
+    checks = run_flow(restore_test, everything=True, repository=repo.url, task_runner="processes").files
     assert len(checks) == 47 and all(c.ok and c.compared_with_source for c in checks)
 
 

@@ -196,7 +196,7 @@ def source_password(url: str) -> str | None:
     if block:
         from prefect.blocks.system import Secret
 
-        return str(Secret.load(block).get())
+        return str(Secret.load(block).get())  # type: ignore[union-attr]  # sync context: a Secret, not a coroutine
     return None
 
 
