@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from vaultflow import __version__
 from vaultflow.storage.errors import VaultflowError
@@ -88,6 +89,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from vaultflow.storage.checker import rebuild_index
 
     repo = _open(args)
+    if args.what == "snapshots":
+        return _repair_snapshots(repo)
     with repo.lock(exclusive=True, purpose="repair index"):
         packs, chunks, unreadable = rebuild_index(repo)
     print(f"rebuilt the index from {packs} pack trailers: {chunks} chunks")
@@ -95,6 +98,19 @@ def cmd_repair(args: argparse.Namespace) -> int:
         print(f"pack {name}: trailer unreadable, its chunks are not indexed (see `vaultflow check --read-data`)",
               file=sys.stderr)
     return 1 if unreadable else 0
+
+
+def _repair_snapshots(repo: Any) -> int:
+    from vaultflow.storage.retention import quarantine_damaged
+
+    done = quarantine_damaged(repo, __version__)
+    for q in done:
+        where = f"{q.source}#{q.serial}" if q.source is not None else "of no known source"
+        how = f"tombstone {q.tombstone[:12]} records it" if q.tombstone else "no chain to record it in"
+        print(f"quarantined damaged record {q.id[:12]} ({where}): {q.reason}; kept as quarantine/snapshots/"
+              f"{q.id[:12]}…; {how}")
+    print(f"{len(done)} damaged snapshot records quarantined" if done else "no damaged snapshot records")
+    return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -142,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import run
 
     run.add_parsers(sub, common)
+    from . import forget
+
+    forget.add_parser(sub, common)
     for name in ("backup", "restore", "check", "restore-test"):
         sub.choices[name].add_argument(
             "--task-runner", metavar="RUNNER", default=None,
@@ -164,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_stats)
 
     rep = sub.add_parser("repair", parents=[common], help="repair the repository")
-    rep.add_argument("what", choices=["index"], help="index: rebuild the index from pack trailers alone")
+    rep.add_argument("what", choices=["index", "snapshots"], help="index: rebuild the index from pack trailers "
+                     "alone; snapshots: move damaged snapshot records to quarantine/ and record that in their "
+                     "source's chain (the other snapshots were never blocked by them)")
     rep.set_defaults(func=cmd_repair)
 
     srv = sub.add_parser("server", help="the embedded local Prefect server (UI and run history)")

@@ -20,7 +20,7 @@ from .index import Index, encode_index_file
 from .lock import STALE_AFTER
 from .pack import PackEntry
 from .repository import CONFIG, RepoConfig, Repository
-from .snapshot import SnapshotRecord, chain_problems, decode_record
+from .snapshot import SnapshotRecord, chain_problems, decode_record, forgotten
 from .upload import read_pack_trailer
 
 
@@ -60,7 +60,8 @@ class Checker:
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
         self.report = CheckReport()
-        self.records: dict[str, SnapshotRecord] = {}
+        self.records: dict[str, SnapshotRecord] = {}  # every authenticated record: tombstones, forgotten ones
+        self.forgotten: set[str] = set()  # records a tombstone removed that are still stored
         self.index = Index()
         self.pack_sizes: dict[str, int] = {}
         self._bad_chunks: dict[bytes, str] = {}  # chunk id -> name of the damaged object that held it
@@ -89,9 +90,20 @@ class Checker:
                 self.records[rid] = decode_record(self.repo.master.record_key, self.repo.backend.read(name), name, rid)
             except (IntegrityError, ObjectMissing) as e:
                 self._problem("snapshot", name, str(e))
-        self.report.snapshots = len(self.records)
+        gone = forgotten(self.records)
+        self.forgotten = {rid for rid in self.records if rid in gone}
+        self.report.snapshots = sum(1 for rid, r in self.records.items() if not r.is_tombstone and rid not in gone)
         for message in chain_problems(self.records):
             self._problem("chain", message.split(":", 1)[0], message)
+        for name, _ in self.repo.backend.list("quarantine/snapshots"):
+            self.report.notices.append(Problem("quarantined", name, "a damaged snapshot record that `repair "
+                                               "snapshots` moved out of snapshots/ (kept for inspection only)"))
+        for rid in sorted(self.forgotten):
+            tomb = self.records[gone[rid][0]]
+            self.report.notices.append(Problem("forgotten", f"snapshots/{rid}", (
+                f"{tomb.source}#{self.records[rid].serial} was forgotten by tombstone {gone[rid][0][:12]} "
+                f"(policy: {(tomb.tombstone or {}).get('policy', '?')}) and is still stored: an interrupted forget; "
+                "the next `vaultflow forget` deletes it")))
 
     def _index_files(self) -> None:
         for name, _ in self.repo.backend.list("index"):
@@ -138,6 +150,8 @@ class Checker:
     def _manifests(self) -> None:
         """Each record's manifests hash to what it says; every chunk they reference is indexed."""
         for rid, record in sorted(self.records.items(), key=lambda kv: (kv[1].source, kv[1].serial)):
+            if record.is_tombstone or rid in self.forgotten:
+                continue  # a forgotten snapshot's data may already be pruned: nothing needs it
             for name, digest in record.manifests.items():
                 try:
                     self.repo.read_object(name, digest)
@@ -170,6 +184,9 @@ class Checker:
         except (IntegrityError, ObjectMissing, NotARepository) as e:
             self._problem("config", CONFIG, str(e))
 
+    def _forgotten_serials(self) -> set[tuple[str, int]]:
+        return {(r.source, serial) for r in self.records.values() for serial in r.removed().values()}
+
     def _snapshot_tables(self) -> None:
         """`tables/snapshots` rows are written after the commit and no record hashes them: each must agree with
         the authenticated record of its source and serial, or it is tampering (or an orphan)."""
@@ -180,6 +197,10 @@ class Checker:
                 continue
             source, serial = m.group(1), int(m.group(2))
             mine = {rid: r for rid, r in self.records.items() if r.source == source and r.serial == serial}
+            if not mine and (source, serial) in self._forgotten_serials():
+                self.report.notices.append(Problem("forgotten", name, "row of a forgotten snapshot, left by an "
+                                                   "interrupted forget; the next `vaultflow forget` deletes it"))
+                continue
             if not mine:
                 self._problem("table", name, f"orphan row: no authenticated snapshot record of source {source!r} "
                                              f"serial {serial}; the row is not backed by any backup")

@@ -21,7 +21,15 @@ from .index import Index, decode_index_file
 from .keys import MAX_KEY_FILE_SIZE, KdfParams, KeyInfo, MasterKey, key_info, unwrap_master_key, wrap_master_key
 from .lock import STALE_AFTER, Lock
 from .pack import BlobType, PackEntry, PackReader
-from .snapshot import DamagedRecord, SnapshotRecord, decode_record, encode_record, peek_record, utc_now
+from .snapshot import (
+    DamagedRecord,
+    SnapshotRecord,
+    decode_record,
+    encode_record,
+    forgotten,
+    peek_record,
+    utc_now,
+)
 from .upload import WriteSession, trailers
 
 REPOSITORY_VERSION = 1
@@ -115,6 +123,7 @@ class Repository:
         self.damaged_index_files: dict[str, str] = {}  # name -> why, from the last index load
         self.recovered_packs: dict[str, list[PackEntry]] = {}  # packs of damaged index files, from their trailers
         self.damaged_records: dict[str, DamagedRecord] = {}  # id -> what failed, from the last snapshots()
+        self.chain_records: dict[str, SnapshotRecord] = {}  # every good record, tombstones too, likewise
         self._index_lock = threading.Lock()
         self._local = threading.local()
 
@@ -356,9 +365,12 @@ class Repository:
         self.backend.write(f"snapshots/{rid}", data, content_named=True)
         return rid
 
-    def snapshots(self) -> dict[str, SnapshotRecord]:
-        """Every authenticated snapshot record. A damaged one never blocks the others: it is left out and kept,
-        with what it claims to be, in `damaged_records` (by id) for callers to report."""
+    def snapshots(self, *, everything: bool = False) -> dict[str, SnapshotRecord]:
+        """Every authenticated snapshot: not tombstones, nor the records a tombstone removed (a forget that
+        stopped before deleting them). A damaged record never blocks the others: it is left out and kept, with
+        what it claims to be, in `damaged_records` (by id) for callers to report. `everything`: every
+        authenticated record, tombstones and forgotten ones included (the chain as check sees it). Either way
+        `chain_records` holds them all afterwards (serials and chain links must count tombstones)."""
         out: dict[str, SnapshotRecord] = {}
         damaged: dict[str, DamagedRecord] = {}
         for name, _ in self.backend.list("snapshots"):
@@ -372,7 +384,20 @@ class Repository:
             except IntegrityError as e:
                 damaged[rid] = DamagedRecord(name, e.problem, *peek_record(data))
         self.damaged_records = damaged
-        return out
+        self.chain_records = dict(out)
+        if everything:
+            return out
+        gone = forgotten(out)
+        return {rid: r for rid, r in out.items() if not r.is_tombstone and rid not in gone}
+
+    def chain_head(self, source: str) -> tuple[str, SnapshotRecord] | None:
+        """The newest record of `source`'s chain, a tombstone included (a new record links to it), as of the last
+        snapshots() call."""
+        mine = [(r.serial, rid, r) for rid, r in self.chain_records.items() if r.source == source]
+        if not mine:
+            return None
+        _, rid, rec = max(mine)
+        return rid, rec
 
     def snapshot(self, rid: str) -> SnapshotRecord:
         """One snapshot record by its full id, authenticated (IntegrityError naming it if damaged)."""
@@ -394,7 +419,7 @@ class Repository:
         record that claims it, so a damaged head is reported by check but its serial is never reused.
         `records` from a snapshots() call just made saves listing them again."""
         records = records if records is not None else self.snapshots()
-        serials = [rec.serial for rec in records.values() if rec.source == source]
+        serials = [rec.serial for rec in (*records.values(), *self.chain_records.values()) if rec.source == source]
         serials += [d.serial for d in self.damaged_records.values() if d.source == source and d.serial is not None]
         return 1 + max(serials, default=0)
 

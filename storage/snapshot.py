@@ -55,9 +55,25 @@ class SnapshotRecord:
     tags: list[str] = field(default_factory=list)
     vaultflow_version: str = ""
     format_version: int = FORMAT_VERSION
+    # Set on a tombstone: a record in the chain that says which earlier records a policy removed (§6). Absent
+    # from the encoding when unset, so records written before tombstones existed keep their bytes and names.
+    tombstone: dict[str, Any] | None = None
 
     def body(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        if body["tombstone"] is None:
+            del body["tombstone"]
+        return body
+
+    @property
+    def is_tombstone(self) -> bool:
+        return self.tombstone is not None
+
+    def removed(self) -> dict[str, int]:
+        """The records (id → serial) a tombstone removed; empty for a snapshot."""
+        if self.tombstone is None:
+            return {}
+        return {str(r["id"]): int(r["serial"]) for r in self.tombstone.get("removed", [])}
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -163,9 +179,22 @@ def peek_record(data: bytes) -> tuple[str | None, int | None]:
             serial if isinstance(serial, int) and not isinstance(serial, bool) else None)
 
 
+def forgotten(records: dict[str, SnapshotRecord]) -> dict[str, tuple[str, int]]:
+    """Every record id a tombstone of its source removed → (that tombstone's id, the serial it named)."""
+    out: dict[str, tuple[str, int]] = {}
+    for tid, rec in records.items():
+        for rid, serial in rec.removed().items():
+            out[rid] = (tid, serial)
+    return out
+
+
 def chain_problems(records: dict[str, SnapshotRecord]) -> list[str]:
-    """Gaps, forks, rollbacks and broken links in each source's hash chain, as readable sentences."""
+    """Gaps, forks, rollbacks and broken links in each source's hash chain, as readable sentences.
+
+    `records` holds snapshots and tombstones. A missing predecessor that a later tombstone of the same source
+    names, with that id and serial, was removed by policy: not a gap. Anything else missing is."""
     problems: list[str] = []
+    removed = forgotten(records)
     by_source: dict[str, list[tuple[str, SnapshotRecord]]] = {}
     for rid, rec in records.items():
         by_source.setdefault(rec.source, []).append((rid, rec))
@@ -183,13 +212,27 @@ def chain_problems(records: dict[str, SnapshotRecord]) -> list[str]:
                     problems.append(f"{where}: first snapshot claims a predecessor {rec.previous[:12]}")
                 continue
             prev = records.get(rec.previous or "")
-            if rec.previous is None or prev is None:
+            by = removed.get(rec.previous or "")
+            if prev is None and by is not None:
+                tomb = records[by[0]]
+                if by[1] != rec.serial - 1 or tomb.source != source or tomb.serial <= by[1]:
+                    problems.append(f"{where}: broken chain: tombstone {by[0][:12]} names its predecessor "
+                                    f"{str(rec.previous)[:12]} as serial {by[1]}, not {rec.serial - 1}")
+            elif rec.previous is None or prev is None:
                 problems.append(f"{where}: gap: the record of serial {rec.serial - 1} is missing "
-                                f"(deleted?); expected {str(rec.previous)[:12]}")
+                                f"(deleted, and no forget recorded it); expected {str(rec.previous)[:12]}")
             elif prev.source != source or prev.serial != rec.serial - 1:
                 problems.append(f"{where}: broken chain: predecessor {rec.previous[:12]} is "
                                 f"{prev.source!r} serial {prev.serial}")
             elif rec.started < prev.finished:
                 problems.append(f"{where}: rollback: started {rec.started} before its predecessor finished "
                                 f"{prev.finished} (clock forged or wrong)")
+        for rid, rec in recs:  # a tombstone removes only earlier records of its own source
+            for gone, serial in rec.removed().items():
+                if serial >= rec.serial:
+                    problems.append(f"source {source!r} tombstone {rec.serial} ({rid[:12]}): claims to remove "
+                                    f"serial {serial} ({gone[:12]}), which is not older than itself")
+                elif gone in records and (records[gone].source, records[gone].serial) != (source, serial):
+                    problems.append(f"source {source!r} tombstone {rec.serial} ({rid[:12]}): names {gone[:12]} "
+                                    f"as {source}#{serial}, but it is {records[gone].source}#{records[gone].serial}")
     return problems

@@ -80,7 +80,8 @@ def find_lineage(run: context.Run, source: str) -> Lineage:
     records = repo.snapshots()
     latest = repo.latest(source, records)
     serial = repo.next_serial(source, records)
-    previous = latest[0] if latest else None
+    chain = repo.chain_head(source)  # a tombstone, when a forget came last: the chain links through it
+    previous = chain[0] if chain else None
     claimed = [(d.serial, rid) for rid, d in repo.damaged_records.items() if d.source == source and d.serial]
     if claimed and max(claimed)[0] == serial - 1:
         previous = max(claimed)[1]
