@@ -21,9 +21,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     s = settings.resolve(args.repo, args.password_file, args.password_secret)
     if not -7 <= args.compression_level <= 19:
         raise VaultflowError(f"--compression-level {args.compression_level}: zstd levels run from -7 to 19")
+    lock = (args.object_lock_mode, args.object_lock) if args.object_lock else None
+    if lock is not None and not 1 <= args.object_lock <= 36500:
+        raise VaultflowError(f"--object-lock {args.object_lock}: give the retention in days, 1 to 36500")
     repo = Repository.init(s.url, s.password(confirm=True), storage_options=s.storage_options,
-                           private_manifests=args.private_manifests, compression_level=args.compression_level)
+                           private_manifests=args.private_manifests, compression_level=args.compression_level,
+                           object_lock=lock)
     print(f"created vaultflow repository {repo.config.id} at {repo.url}")
+    if lock:
+        print(f"every pack, index file, manifest and snapshot record is written with S3 Object Lock "
+              f"({lock[0].lower()} mode, {lock[1]} days); prune extends what is still needed, object by object")
     print("keep the password safe: without it the data cannot be read back")
     return 0
 
@@ -143,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="encrypt manifests (paths) too; analysts then need vaultflow to read them")
     init.add_argument("--compression-level", type=int, default=1, metavar="N",
                       help="zstd level for data, -7 (fastest) to 19 (smallest); default 1")
+    init.add_argument("--object-lock", type=int, metavar="DAYS", default=0,
+                      help="S3 only: write every immutable object with Object Lock retention of DAYS (the bucket "
+                           "must have Object Lock enabled); credentials that cannot delete then cannot destroy "
+                           "history")
+    init.add_argument("--object-lock-mode", choices=["governance", "compliance"], default="compliance",
+                      help="compliance (nobody can shorten it; default) or governance (a privileged user can)")
     init.set_defaults(func=cmd_init)
 
     key = sub.add_parser("key", parents=[common], help="manage the repository's passwords (key files)")

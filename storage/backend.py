@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import ObjectExists, ObjectMissing
+from .errors import ObjectExists, ObjectLocked, ObjectLockError, ObjectMissing
 
 
 class Backend:
@@ -28,6 +28,62 @@ class Backend:
         self.fs: fsspec.AbstractFileSystem = fs
         self.root = root.rstrip("/")
         self.is_local = isinstance(fs, LocalFileSystem)
+        self.retention: tuple[str, int] | None = None  # S3 Object Lock (mode, days) for every immutable object
+
+    # -- S3 Object Lock --------------------------------------------------------------------------------------
+
+    def _s3(self) -> tuple[Any, str, str]:
+        """(the s3fs filesystem, bucket, key prefix); Object Lock exists only on S3."""
+        protocol = self.fs.protocol
+        if "s3" not in (protocol if isinstance(protocol, tuple) else (protocol,)):
+            raise ObjectLockError(f"{self.url}: object lock needs S3 (s3://bucket/prefix)")
+        bucket, _, prefix = self.root.partition("/")
+        return self.fs, bucket, prefix
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+
+    def require_object_lock(self) -> None:
+        """Refuse a bucket without Object Lock: retention could not be set on anything."""
+        _, bucket, _ = self._s3()
+        try:
+            conf = self._call("get_object_lock_configuration", Bucket=bucket)
+        except Exception as e:  # noqa: BLE001 - the store says no in many ways
+            raise ObjectLockError(f"bucket {bucket} has no Object Lock configuration ({e}); create it with "
+                                  "Object Lock enabled (it cannot be turned on for an existing bucket on AWS)") \
+                from None
+        if conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") != "Enabled":
+            raise ObjectLockError(f"bucket {bucket}: Object Lock is not enabled")
+
+    def _retain_kwargs(self) -> dict[str, Any]:
+        if self.retention is None:
+            return {}
+        from datetime import UTC, datetime, timedelta
+
+        mode, days = self.retention
+        return {"ObjectLockMode": mode, "ObjectLockRetainUntilDate": datetime.now(UTC) + timedelta(days=days)}
+
+    def retained_until(self, name: str) -> float | None:
+        """When the object's retention ends (Unix seconds), or None without one."""
+        _, bucket, _ = self._s3()
+        try:  # HEAD carries the retention (GetObjectRetention needs a permission readers may lack)
+            got = self._call("head_object", Bucket=bucket, Key=self.path(name).split("/", 1)[1])
+        except FileNotFoundError:
+            return None
+        until = got.get("ObjectLockRetainUntilDate")
+        return float(until.timestamp()) if until is not None else None
+
+    def extend_retention(self, name: str, until: float) -> None:
+        """Keep the object at least until `until` (retention only ever grows: the store refuses shortening)."""
+        from datetime import UTC, datetime
+
+        assert self.retention is not None
+        _, bucket, _ = self._s3()
+        self._call("put_object_retention", Bucket=bucket, Key=self.path(name).split("/", 1)[1],
+                   Retention={"Mode": self.retention[0],
+                              "RetainUntilDate": datetime.fromtimestamp(until, UTC)})
 
     def path(self, name: str) -> str:
         """The backend path of the object `name`; names never start with '/' nor contain '..'."""
@@ -121,8 +177,8 @@ class Backend:
         if self.is_local:
             self._write_local(path, data, overwrite=False, content_named=content_named, name=name)
             return
-        try:
-            self.fs.pipe_file(path, data, mode="create")  # one PUT, or a multipart upload completed only if absent
+        try:  # one PUT, or a multipart upload completed only if absent
+            self.fs.pipe_file(path, data, mode="create", **self._retain_kwargs())
         except FileExistsError:
             if content_named and self._size_or_none(path) == len(data):
                 return
@@ -153,14 +209,35 @@ class Backend:
             return None
 
     def delete(self, name: str) -> None:
-        """Remove an object; on local disks the folder is fsync'd so the removal survives a crash too."""
+        """Remove an object; on local disks the folder is fsync'd so the removal survives a crash too. Under
+        Object Lock every stored version is deleted (a plain delete would only hide it behind a delete marker);
+        the store refuses versions still retained: ObjectLocked, nothing hidden."""
         path = self.path(name)
+        if self.retention is not None and not name.startswith("locks/"):
+            self._delete_versions(name)
+            return
         try:
             self.fs.rm_file(path)
         except FileNotFoundError:
             return
         if self.is_local:
             _fsync_dir(os.path.dirname(path))
+
+    def _delete_versions(self, name: str) -> None:
+        _, bucket, _ = self._s3()
+        key = self.path(name).split("/", 1)[1]
+        found = self._call("list_object_versions", Bucket=bucket, Prefix=key)
+        versions = [v for v in (*found.get("Versions", []), *found.get("DeleteMarkers", [])) if v["Key"] == key]
+        refused = []
+        for v in versions:
+            try:
+                self._call("delete_object", Bucket=bucket, Key=key, VersionId=v["VersionId"])
+            except PermissionError:  # s3fs maps AccessDenied: the version is still retained
+                refused.append(v["VersionId"])
+        self.fs.invalidate_cache(self.path(name))
+        if refused:
+            until = self.retained_until(name)
+            raise ObjectLocked(name, until)
 
     def _write_local(self, path: str, data: bytes, *, overwrite: bool, content_named: bool, name: str) -> None:
         folder = os.path.dirname(path)

@@ -5,6 +5,8 @@ Every message names the object, what was expected, what was found, and the next 
 
 from __future__ import annotations
 
+import time
+
 
 class VaultflowError(Exception):
     """Base of every error vaultflow raises on purpose."""
@@ -49,3 +51,16 @@ class LockLost(RepositoryLocked):
 
 class SourceError(VaultflowError):
     """A source could not be read."""
+
+
+class ObjectLockError(VaultflowError):
+    """Object Lock was asked for where the store cannot provide it."""
+
+
+class ObjectLocked(VaultflowError):
+    """The store refused to delete an object still under Object Lock retention: pending, not an error."""
+
+    def __init__(self, name: str, until: float | None) -> None:
+        self.name, self.until = name, until
+        when = "" if until is None else " until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until))
+        super().__init__(f"{name}: retained by Object Lock{when}; deleted once retention has released it")

@@ -53,10 +53,20 @@ class RepoConfig:
     compression_level: int = 3
     private_manifests: bool = False
     version: int = REPOSITORY_VERSION
+    # S3 Object Lock: {"mode": "GOVERNANCE"|"COMPLIANCE", "days": N}; every immutable object is written with a
+    # retention that long (docs/format.md §14). Omitted from the encoding when unset, so older configs keep
+    # their exact bytes.
+    object_lock: dict[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        body = asdict(self)
+        if body["object_lock"] is None:
+            del body["object_lock"]
+        return body
 
     def encode(self, config_key: bytes) -> bytes:
-        body = _canonical(asdict(self))
-        return _canonical({"vaultflow_repository": asdict(self), "mac": keyed_hash(config_key, body).hex()}) + b"\n"
+        body = _canonical(self.fields())
+        return _canonical({"vaultflow_repository": self.fields(), "mac": keyed_hash(config_key, body).hex()}) + b"\n"
 
     @staticmethod
     def peek(data: bytes) -> dict[str, Any]:
@@ -136,9 +146,20 @@ class Repository:
     @classmethod
     def init(cls, url: str, password: str, *, storage_options: dict[str, Any] | None = None,
              kdf: KdfParams | None = None, chunker: ChunkerParams | None = None, pack_size: int = 16 << 20,
-             private_manifests: bool = False, compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> Repository:
-        """Create a repository; the config is written last, so a half-created one is not mistaken for one."""
+             private_manifests: bool = False, compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+             object_lock: tuple[str, int] | None = None) -> Repository:
+        """Create a repository; the config is written last, so a half-created one is not mistaken for one.
+        `object_lock` (mode, days): S3 Object Lock retention on every immutable object (the bucket must have
+        Object Lock enabled)."""
         backend = Backend(url, storage_options)
+        lock_setting = None
+        if object_lock is not None:
+            mode, days = object_lock[0].upper(), int(object_lock[1])
+            if mode not in ("GOVERNANCE", "COMPLIANCE") or not 1 <= days <= 36500:
+                raise ValueError("object lock: mode GOVERNANCE or COMPLIANCE, and 1 to 36500 days")
+            backend.require_object_lock()
+            lock_setting = {"mode": mode, "days": days}
+            backend.retention = (mode, days)
         if backend.exists(CONFIG):
             raise RepositoryExists(f"{url} already holds a vaultflow repository; open it, or choose another location")
         if not 1 << 20 <= pack_size <= 1 << 30:
@@ -148,7 +169,7 @@ class Repository:
         master = MasterKey.generate()
         config = RepoConfig(id=os.urandom(16).hex(), created=utc_now(), chunker=chunker or ChunkerParams(),
                             pack_size=pack_size, compression_level=compression_level,
-                            private_manifests=private_manifests)
+                            private_manifests=private_manifests, object_lock=lock_setting)
         key_name = cls._write_key(backend, master, password, kdf)  # refuses out-of-range KDF parameters
         backend.write(CONFIG, config.encode(master.config_key))
         return cls(backend, config, master, key_name)
@@ -189,7 +210,10 @@ class Repository:
                 damaged.append(name)
                 reasons.append(e.problem if isinstance(e, IntegrityError) else str(e))
                 continue
-            return cls(backend, RepoConfig.decode(config_data, master.config_key), master, name)
+            config = RepoConfig.decode(config_data, master.config_key)
+            if config.object_lock:
+                backend.retention = (config.object_lock["mode"], int(config.object_lock["days"]))
+            return cls(backend, config, master, name)
         if damaged and len(damaged) == len(listing):
             raise IntegrityError(", ".join(damaged), f"every key file is damaged ({'; '.join(reasons)})",
                                  "restore an intact key file from a copy of keys/")

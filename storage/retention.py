@@ -13,7 +13,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from .errors import ObjectExists, VaultflowError
+from .errors import ObjectExists, ObjectLocked, VaultflowError
 from .repository import Repository
 from .snapshot import SnapshotRecord, forgotten, parse_utc, utc_now
 
@@ -192,5 +192,8 @@ def quarantine_damaged(repo: Repository, version: str, host: str | None = None) 
                 q.tombstone = tid
     for q in out:
         if q.tombstone is not None or q.source is None:
-            repo.backend.delete(f"snapshots/{q.id}")
+            try:
+                repo.backend.delete(f"snapshots/{q.id}")
+            except ObjectLocked:
+                q.reason += "; still retained by Object Lock, deleted by a later repair"
     return out

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from vaultflow import __version__
 from vaultflow.storage import manifest, retention
-from vaultflow.storage.errors import IntegrityError, ObjectMissing
+from vaultflow.storage.errors import IntegrityError, ObjectLocked, ObjectMissing
 from vaultflow.storage.repository import Repository
 from vaultflow.storage.snapshot import forgotten
 
@@ -80,17 +80,25 @@ def forget_source(run: context.Run, source: str, policy: retention.Policy, dry_r
 
 
 def _delete(repo: Repository, ids: list[str]) -> int:
-    """Delete forgotten records (already named by a committed tombstone) and their own tables/snapshots rows."""
+    """Delete forgotten records (already named by a committed tombstone) and their own tables/snapshots rows.
+    Under Object Lock the store keeps what it still retains: those stay forgotten and go in a later forget."""
+    deleted = 0
     for rid in ids:
-        repo.backend.delete(f"snapshots/{rid}")
         rec = repo.chain_records.get(rid)
-        if rec is None:
-            continue
-        name = manifest.snapshots_name(rec.source, rec.serial)
         try:
-            row = manifest.from_parquet(repo.backend.read(name), manifest.SNAPSHOTS_SCHEMA, name)
-        except (ObjectMissing, IntegrityError):
-            continue  # none, or damaged: check reports it; a row that may be another record's is not deleted
-        if row.num_rows == 1 and row["id"][0].as_py() == rid:
-            repo.backend.delete(name)
-    return len(ids)
+            repo.backend.delete(f"snapshots/{rid}")
+            deleted += 1
+            if rec is not None:
+                _delete_row(repo, rid, manifest.snapshots_name(rec.source, rec.serial))
+        except ObjectLocked as e:
+            get_run_logger().info("%s", e)
+    return deleted
+
+
+def _delete_row(repo: Repository, rid: str, name: str) -> None:
+    try:
+        row = manifest.from_parquet(repo.backend.read(name), manifest.SNAPSHOTS_SCHEMA, name)
+    except (ObjectMissing, IntegrityError):
+        return  # none, or damaged: check reports it; a row that may be another record's is not deleted
+    if row.num_rows == 1 and row["id"][0].as_py() == rid:
+        repo.backend.delete(name)
