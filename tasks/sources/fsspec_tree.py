@@ -101,7 +101,8 @@ class FsspecSource(Source):
     @classmethod
     def matches(cls, path: str) -> bool:
         scheme = scheme_of(path)
-        return bool(scheme) and scheme not in ("file", "local") and scheme in fsspec.available_protocols()
+        known = set(fsspec.available_protocols()) | set(fsspec.registry)  # built-in, and registered at runtime
+        return bool(scheme) and scheme not in ("file", "local") and scheme in known
 
     @property
     def url(self) -> str:
