@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import run
 
     run.add_parsers(sub, common)
-    from . import forget
+    from . import forget, prune
 
     forget.add_parser(sub, common)
+    prune.add_parser(sub, common)
     for name in ("backup", "restore", "check", "restore-test"):
         sub.choices[name].add_argument(
             "--task-runner", metavar="RUNNER", default=None,

@@ -18,6 +18,7 @@ from .crypto import content_hash
 from .errors import IntegrityError, NotARepository, ObjectMissing, VaultflowError
 from .index import Index, encode_index_file
 from .lock import STALE_AFTER
+from .maintenance import deletion_candidates
 from .pack import PackEntry
 from .repository import CONFIG, RepoConfig, Repository
 from .snapshot import SnapshotRecord, chain_problems, decode_record, forgotten
@@ -133,7 +134,13 @@ class Checker:
                 self._problem("pack", pack, f"pack is truncated: {size} bytes, the index needs {end}")
                 self._mark_pack_bad(pack)
         indexed = self.index.pack_set()
+        candidates = deletion_candidates(self.repo)
         for pack in sorted(set(self.pack_sizes) - indexed):
+            if pack in candidates:
+                self.report.notices.append(Problem("pack", pack, f"deletion candidate since {candidates[pack]}: "
+                                                   "a later prune deletes it after the grace period unless a "
+                                                   "snapshot uses it again"))
+                continue
             self.report.notices.append(Problem("pack", pack, "pack is in no index file (an interrupted backup's "
                                                "leftover): the next backup adopts it, `vaultflow repair index` "
                                                "indexes it"))

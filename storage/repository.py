@@ -298,7 +298,11 @@ class Repository:
                 continue
             except IntegrityError as e:
                 damaged[name] = str(e)
-        recovered = trailers(self, dict(self.backend.list("data")), index.pack_set()) if damaged else {}
+        if damaged:  # prune's deletion candidates are in no index file on purpose: not something to recover
+            from .maintenance import deletion_candidates
+
+            skip = index.pack_set() | set(deletion_candidates(self))
+        recovered = trailers(self, dict(self.backend.list("data")), skip) if damaged else {}
         for pack, entries in recovered.items():
             index.add(pack, entries)
         self.damaged_index_files, self.recovered_packs = damaged, recovered

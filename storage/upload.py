@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .crypto import content_hash
 from .index import encode_index_file
 from .lock import STALE_AFTER
+from .maintenance import deletion_candidates
 from .pack import FOOTER_SIZE, HEADER_SIZE, PackEntry, PackReader, PackWriter
 
 if TYPE_CHECKING:
@@ -62,7 +63,8 @@ class WriteSession:
         for name, age in self.repo.backend.temporaries("data"):
             if age > STALE_AFTER:  # a writer that old is dead: packs are written in seconds
                 self.repo.backend.delete(name)
-        orphans = trailers(self.repo, listed, self.repo.index.pack_set())
+        # A prune's deletion candidates are in no index file on purpose: they are not leftovers to adopt.
+        orphans = trailers(self.repo, listed, self.repo.index.pack_set() | set(deletion_candidates(self.repo)))
         for name, entries in orphans.items():
             self.repo.index.add(name, entries)
         with self._lock:

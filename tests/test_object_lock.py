@@ -84,3 +84,26 @@ def test_a_repository_without_object_lock_keeps_its_config_bytes(tmp_path):
     repo = Repository.init(str(tmp_path / "repo"), "pw", kdf=FAST_KDF)
     assert b"object_lock" not in repo.backend.read("config")
     assert Repository.open(repo.url, "pw").config.object_lock is None
+
+
+def test_prune_extends_only_what_is_still_needed_and_only_when_it_would_end_soon(s3_server, locked_bucket):
+    from vaultflow.storage import maintenance
+    from vaultflow.storage.object_lock import extend_needed
+
+    url = f"s3://{locked_bucket}/repo"
+    Repository.init(url, "pw", storage_options=s3_server.storage_options, kdf=FAST_KDF,
+                    object_lock=("governance", 2))
+    repo = Repository.open(url, "pw", storage_options=s3_server.storage_options)
+    kept = store(repo)
+    assert extend_needed(repo) == (4, 0)  # config, key, index file, pack: all retained 2 days, nothing ends soon
+    pack_until = repo.backend.retained_until(kept)
+
+    _, data = maintenance.encode(repo, {kept: "2026-11-25T00:00:00Z"})  # now a deletion candidate
+    from vaultflow.storage.crypto import content_hash
+
+    repo.backend.write(f"maintenance/candidates-{content_hash(data)}", data, content_named=True)
+    later = time.time() + 1.5 * 86400  # a day and a half on: everything needed ends within half the period
+    looked, extended = extend_needed(repo, later)
+    assert (looked, extended) == (4, 4)  # config, key, index file, the candidates object: not the candidate
+    assert repo.backend.retained_until(kept) == pack_until  # released data is not kept longer
+    assert repo.backend.retained_until("config") > later + 1.9 * 86400
