@@ -82,6 +82,8 @@ def render(console: Console, summary: Summary, tools: list[str], reps: int,
         ("scale-set repo after 6b, MiB", "scale_first", _metric("repo_bytes", MiB)),
         ("scale-set repo after 6, MiB", "scale", _metric("repo_bytes", MiB)),
         ("incremental-series repo, MiB", "series", _metric("repo_bytes", MiB)),
+        ("series repo after forget + prune, MiB", "prune", _metric("repo_bytes", MiB)),
+        ("9 prune freed, MiB", "prune", _metric("freed_bytes", MiB)),
     ]
     console.print(_table("Throughput and repository size (du --apparent-size)", derived, tools, summary, ".1f"))
     _fixed_rss(console, fixed, summary.get("vaultflow", {}).get("first"))

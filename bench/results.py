@@ -23,6 +23,7 @@ MEASURES: dict[str, str] = {
     "scale_restore": "6c full restore, scale set",
     "series": "7 incremental series",
     "snapshots": "8 list snapshots",
+    "prune": "9 prune after forget (series repo)",
 }
 METRICS = ("wall_s", "cpu_s", "peak_tree_rss", "max_process_rss")
 

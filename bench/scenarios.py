@@ -1,9 +1,9 @@
-"""The measured procedures: for one tool and one repetition, run measures 1-8 on fresh local repositories.
+"""The measured procedures: for one tool and one repetition, run measures 1-9 on fresh local repositories.
 
 Measures 1-5 and 8 share one repository (first backup, no-change, 1 % append, check, restore, snapshots);
-measures 6b, 6 and 6c (scale set: first backup, no-change, restore) share another; 7 (evolving tree) has its
-own. A step the others depend on that fails marks those others failed too, with the reason; nothing is retried
-or estimated.
+measures 6b, 6 and 6c (scale set: first backup, no-change, restore) share another; 7 (evolving tree) and 9 (prune
+after forgetting all but its newest snapshot) share a third. A step the others depend on that fails marks those
+others failed too, with the reason; nothing is retried or estimated.
 """
 
 from __future__ import annotations
@@ -154,17 +154,20 @@ def scale_set(ctx: Context, name: str, exe: str, base: Path) -> dict[str, Sample
     return out
 
 
-def series(ctx: Context, name: str, exe: str, base: Path) -> Sample:
-    """Measure 7: `series_steps` small incremental backups of an evolving tree, summed."""
+def series(ctx: Context, name: str, exe: str, base: Path) -> dict[str, Sample]:
+    """Measure 7: `series_steps` small incremental backups of an evolving tree, summed; then measure 9 on the same
+    repository: forget all but the newest snapshot (not measured) and prune (measured)."""
+    wanted = [m for m in ("series", "prune") if m in ctx.only]
     run = _Runner(ctx, _adapter(name, exe, base, "series-repo"), f"{name} series")
     err = _init(run)
     if err:
-        return Sample.failed(err)
+        return {m: Sample.failed(err) for m in wanted}
     tree = EvolvingTree(base / "evolving", ctx.ds.spec.seed + 7, ctx.series_files)
     tree.create()
     first, _ = _backup(run, "initial", tree.root)
     if not first.ok:
-        return Sample.failed("skipped: initial backup of the evolving tree failed: " + (first.error or ""))
+        return {m: Sample.failed("skipped: initial backup of the evolving tree failed: " + (first.error or ""))
+                for m in wanted}
     runs = []
     for n in range(ctx.series_steps):
         tree.step(n)
@@ -175,6 +178,30 @@ def series(ctx: Context, name: str, exe: str, base: Path) -> Sample:
     sample = Sample.from_runs(runs)
     if sample.ok:
         sample.extra["repo_bytes"] = tree_stats(run.a.repo).bytes
+    out = {"series": sample} if "series" in ctx.only else {}
+    if "prune" in ctx.only:
+        out["prune"] = _prune(run) if sample.ok else Sample.failed("skipped: the incremental series failed: "
+                                                                   + (sample.error or ""))
+    return out
+
+
+def _prune(run: _Runner) -> Sample:
+    """Measure 9: forget all but the newest snapshot (not measured), then the tool's prune; records the repository
+    size after it and the bytes it freed."""
+    forgot = run("forget", run.a.forget(1))
+    if not forgot.ok:
+        return Sample.failed("forget failed: " + forgot.error())
+    before = tree_stats(run.a.repo).bytes
+    runs = []
+    for i, cmd in enumerate(run.a.prune()):
+        runs.append(run(f"prune {i + 1}", cmd))
+        if not runs[-1].ok:
+            break
+    sample = Sample.from_runs(runs)
+    if sample.ok:
+        after = tree_stats(run.a.repo).bytes
+        sample.extra["repo_bytes"] = after
+        sample.extra["freed_bytes"] = before - after
     return sample
 
 
@@ -190,8 +217,8 @@ def run_tool(ctx: Context, name: str, exe: str, rep: int) -> dict[str, Sample]:
             out |= main_chain(ctx, name, exe, base)
         if ctx.only & set(SCALE_CHAIN):
             out |= scale_set(ctx, name, exe, base)
-        if "series" in ctx.only:
-            out["series"] = series(ctx, name, exe, base)
+        if ctx.only & {"series", "prune"}:
+            out |= series(ctx, name, exe, base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return out

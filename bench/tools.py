@@ -64,6 +64,14 @@ class Adapter(ABC):
     @abstractmethod
     def snapshots(self) -> Cmd: ...
 
+    @abstractmethod
+    def forget(self, keep_last: int) -> Cmd:
+        """Remove all but the newest `keep_last` snapshots (their data stays until prune)."""
+
+    @abstractmethod
+    def prune(self) -> list[Cmd]:
+        """Free the data no snapshot references: the commands whose sum is measured."""
+
 
 class Restic(Adapter):
     name = "restic"
@@ -86,6 +94,12 @@ class Restic(Adapter):
 
     def snapshots(self) -> Cmd:
         return Cmd([self.exe, "snapshots"])
+
+    def forget(self, keep_last: int) -> Cmd:
+        return Cmd([self.exe, "forget", "--keep-last", str(keep_last)])
+
+    def prune(self) -> list[Cmd]:
+        return [Cmd([self.exe, "prune"])]  # --max-unused 5% by default, as vaultflow's
 
 
 class Borg(Adapter):
@@ -117,6 +131,12 @@ class Borg(Adapter):
     def snapshots(self) -> Cmd:
         return Cmd([self.exe, "list"])
 
+    def forget(self, keep_last: int) -> Cmd:
+        return Cmd([self.exe, "prune", "--keep-last", str(keep_last)], ok_codes=self.OK)
+
+    def prune(self) -> list[Cmd]:
+        return [Cmd([self.exe, "compact"], ok_codes=self.OK)]  # borg 1.2: `prune` only forgets, compact frees
+
 
 class Vaultflow(Adapter):
     name = "vaultflow"
@@ -144,6 +164,14 @@ class Vaultflow(Adapter):
 
     def snapshots(self) -> Cmd:
         return Cmd([self.exe, "snapshots"])
+
+    def forget(self, keep_last: int) -> Cmd:
+        return Cmd([self.exe, "forget", "--keep-last", str(keep_last)])
+
+    def prune(self) -> list[Cmd]:
+        # Two phases: the first makes unused packs deletion candidates, the second (grace 0 here, 24 h by default)
+        # deletes them; both are measured, so the space is freed as restic's and borg's single command frees it.
+        return [Cmd([self.exe, "prune", "--grace", "0s"]), Cmd([self.exe, "prune", "--grace", "0s"])]
 
 
 ADAPTERS: dict[str, type[Adapter]] = {"vaultflow": Vaultflow, "restic": Restic, "borg": Borg}
