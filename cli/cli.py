@@ -171,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     from . import run
 
     run.add_parsers(sub, common)
-    from . import forget, prune
+    from . import audit, forget, metrics, prune
 
     forget.add_parser(sub, common)
     prune.add_parser(sub, common)
+    metrics.add_parser(sub, common)
+    audit.add_parser(sub, common)
     for name in ("backup", "restore", "check", "restore-test"):
         sub.choices[name].add_argument(
             "--task-runner", metavar="RUNNER", default=None,

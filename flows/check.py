@@ -12,7 +12,7 @@ from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from vaultflow.storage.errors import VaultflowError
-from vaultflow.tasks import context, runner, runs
+from vaultflow.tasks import context, runner, runs, verified
 from vaultflow.tasks.backup import open_repository
 from vaultflow.tasks.check import check_affected, check_packs, check_structure, check_witnesses, record_packs
 
@@ -39,6 +39,7 @@ def check(read_data: bool = False, read_data_subset: str | None = None, reposito
                 for future in runner.as_completed(runner.map_tasks(pool, check_packs, run=unmapped(run),
                                                                    packs=structure.pack_batches)):
                     record_packs(run, future.result())
+            verified.record_check(context.get(run).checker, structure.pack_batches)  # for audit and metrics
             witnesses = check_witnesses(run)
             report = check_affected(run)
     finally:
