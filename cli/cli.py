@@ -171,10 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     from . import run
 
     run.add_parsers(sub, common)
-    from . import audit, forget, metrics, prune
+    from . import audit, forget, metrics, prune, replicate
 
     forget.add_parser(sub, common)
     prune.add_parser(sub, common)
+    replicate.add_parser(sub, common)
     metrics.add_parser(sub, common)
     audit.add_parser(sub, common)
     for name in ("backup", "restore", "check", "restore-test"):

@@ -109,7 +109,8 @@ class RepoConfig:
 def _config_damage(problem: str) -> IntegrityError:
     # `vaultflow check` cannot help here: it must open the config first.
     return IntegrityError(CONFIG, problem, "no repository opens without it: put back `config` from a copy of "
-                                           "this repository (a replica, or a backup of the folder); packs, "
+                                           "this repository (a backup of the folder, or the `source_config` "
+                                           "field of a replica's `replica` object: docs/format.md §16); packs, "
                                            "indexes and snapshots are not affected")
 
 
@@ -134,6 +135,7 @@ class Repository:
         self.recovered_packs: dict[str, list[PackEntry]] = {}  # packs of damaged index files, from their trailers
         self.damaged_records: dict[str, DamagedRecord] = {}  # id -> what failed, from the last snapshots()
         self.chain_records: dict[str, SnapshotRecord] = {}  # every good record, tombstones too, likewise
+        self._candidates_read = False  # find_blob looked in prune's deletion candidates
         self._index_lock = threading.Lock()
         self._local = threading.local()
 
@@ -336,9 +338,27 @@ class Repository:
     def write_session(self) -> WriteSession:
         return WriteSession(self)
 
+    def find_blob(self, blob_id: bytes) -> tuple[str, PackEntry] | None:
+        """Where a blob is: the index, else (once per repository object) prune's deletion candidates, indexed from
+        their trailers. A snapshot committed by a writer whose view of the index predates a prune can reference a
+        chunk that now sits only in a candidate; the next prune indexes that pack again, and until then readers
+        find it here (docs/format.md §15)."""
+        found = self.index.lookup(blob_id)
+        if found is not None or self._candidates_read:
+            return found
+        self._candidates_read = True
+        from .maintenance import deletion_candidates
+
+        candidates = set(deletion_candidates(self))
+        if candidates:
+            sizes = {name: size for name, size in self.backend.list("data") if name in candidates}
+            for pack, entries in trailers(self, sizes, self.index.pack_set()).items():
+                self.index.add(pack, entries)
+        return self.index.lookup(blob_id)
+
     def load_blob(self, blob_id: bytes, *, verify: bool = True) -> bytes:
         """One blob's plaintext; with `verify`, a data chunk's keyed hash is checked against its id."""
-        found = self.index.lookup(blob_id)
+        found = self.find_blob(blob_id)
         if found is None:
             raise ObjectMissing(f"blob {blob_id.hex()} is not in the index (missing chunk)")
         pack, entry = found
