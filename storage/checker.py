@@ -22,7 +22,7 @@ from .maintenance import deletion_candidates
 from .pack import PackEntry
 from .repository import CONFIG, RepoConfig, Repository
 from .snapshot import SnapshotRecord, chain_problems, decode_record, forgotten
-from .upload import read_pack_trailer
+from .upload import read_pack_trailer, trailers
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Checker:
         self.index = Index()
         self.pack_sizes: dict[str, int] = {}
         self._bad_chunks: dict[bytes, str] = {}  # chunk id -> name of the damaged object that held it
+        self._candidate_index: Index | None = None  # prune's deletion candidates, indexed on the first miss
 
     # -- structure -----------------------------------------------------------------------------------------
 
@@ -171,11 +172,27 @@ class Checker:
                 continue  # reported above
             chunks = pc.list_flatten(table["chunks"]).unique().to_pylist()
             missing = [c for c, ok in zip(chunks, self.index.contains_many(chunks), strict=True) if not ok]
+            held = [c for c in missing if self._in_candidate(c)]
+            if held:  # a writer with a stale view referenced them; nothing is lost, readers find them there
+                self.report.notices.append(Problem("chunk", f"snapshot {rid[:12]}", (
+                    f"{len(held)} chunks referenced by {record.source}#{record.serial} are only in prune's "
+                    "deletion candidates: the next prune indexes those packs again and keeps them")))
+                missing = [c for c in missing if c not in set(held)]
             if missing:
                 p = self._problem("chunk", f"snapshot {rid[:12]}", f"{len(missing)} chunks referenced by "
                                   f"{record.source}#{record.serial} are in no index file")
                 p.snapshots.append(rid)
                 self._bad_chunks.update((c, "index") for c in missing)
+
+    def _in_candidate(self, chunk: bytes) -> bool:
+        """Whether a prune deletion candidate's trailer holds `chunk` (read once, on the first miss)."""
+        if self._candidate_index is None:
+            self._candidate_index = Index()
+            candidates = deletion_candidates(self.repo)
+            sizes = {p: n for p, n in self.pack_sizes.items() if p in candidates}
+            for pack, entries in trailers(self.repo, sizes, set()).items():
+                self._candidate_index.add(pack, entries)
+        return self._candidate_index.lookup(chunk) is not None
 
     def _keys(self) -> None:
         """Every key file, not only the one that opened: checksum, fields, KDF bounds, and its sealed info

@@ -366,7 +366,7 @@ class Restorer:
         for i in files:
             offset = 0
             for cid in self.rows[i]["chunks"]:
-                found = self.repo.index.lookup(cid)
+                found = self.repo.find_blob(cid)
                 if found is None:
                     self._fail(i, f"chunk {cid.hex()[:16]} is missing from the repository (not in the index)")
                     break
