@@ -171,13 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     from . import run
 
     run.add_parsers(sub, common)
-    from . import audit, forget, metrics, prune, replicate
+    from . import audit, forget, metrics, prune, replicate, serve
 
     forget.add_parser(sub, common)
     prune.add_parser(sub, common)
     replicate.add_parser(sub, common)
     metrics.add_parser(sub, common)
     audit.add_parser(sub, common)
+    serve.add_parser(sub, common)
     for name in ("backup", "restore", "check", "restore-test"):
         sub.choices[name].add_argument(
             "--task-runner", metavar="RUNNER", default=None,
