@@ -17,23 +17,17 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vaultflow.storage.durations import parse_duration
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.tasks.settings import split_credentials
 
-_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
 _SECRET_KEYS = {"password", "passwd", "token", "secret", "api_key", "apikey"}
 _PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")  # `token = "{{token}}"` in a payload names a secret, holds none
 
 
 def seconds(text: str) -> float:
-    """Seconds of `26h`, `1d12h`, `90m`, `1w` or `45`: `vaultflow audit --rpo`'s grammar (it gets the RPOs as is)."""
-    spec = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", spec):
-        return float(spec)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([wdhms])", spec)
-    if not parts or "".join(n + u for n, u in parts) != spec:
-        raise ValueError(f"duration {text!r}: use numbers with w, d, h, m or s (e.g. 26h or 1d12h)")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+    """Seconds of a duration in the one grammar every vaultflow duration uses (storage/durations.py)."""
+    return parse_duration(text)
 
 
 def _at_least_10s(text: str) -> str:
@@ -160,7 +154,7 @@ class Retention(Scheduled):
     keep_tags: list[str] = []
     prune: bool = True
     max_unused: Annotated[str, _checked_by("vaultflow.storage.prune_plan", "parse_max_unused")] = "5%"
-    grace: Annotated[str, _checked_by("vaultflow.storage.prune_plan", "parse_duration")] = "24h"
+    grace: Annotated[str, _checked_by("vaultflow.storage.durations", "parse_duration")] = "24h"
     lock_wait: float = 3600.0  # seconds prune waits for backups and checks to let go of the repository
 
     @model_validator(mode="after")

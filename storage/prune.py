@@ -17,11 +17,12 @@ import pyarrow.compute as pc
 
 from . import maintenance
 from .crypto import content_hash
+from .durations import parse_duration
 from .errors import IntegrityError, ObjectLocked, ObjectMissing, VaultflowError
 from .index import Index, encode_index_file
 from .maintenance import deletion_candidates  # noqa: F401 - re-exported: what backups and check ask
 from .pack import PackEntry
-from .prune_plan import ID, Plan, entry_columns, parse_duration, parse_max_unused
+from .prune_plan import ID, Plan, entry_columns, parse_max_unused
 from .repository import Repository
 from .snapshot import SnapshotRecord
 from .upload import read_pack_trailer

@@ -37,14 +37,6 @@ def parse_max_unused(text: str) -> Callable[[int], float]:
     return lambda used: size
 
 
-def parse_duration(text: str) -> float:
-    """Seconds of `24h`, `90m`, `2d`, `30s` or a plain number of seconds."""
-    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([smhd]?)", text.strip().lower())
-    if m is None:
-        raise VaultflowError(f"duration {text!r}: use a number with s, m, h or d (e.g. 24h)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
 def positions(used: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(position in the sorted `used`, whether it is there) of each id."""
     if not len(used):

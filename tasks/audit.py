@@ -7,7 +7,6 @@ Each task reads; none changes the repository (the local head witness moves up to
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from vaultflow.storage.durations import parse_duration
 from vaultflow.storage.errors import VaultflowError
 from vaultflow.storage.snapshot import SnapshotRecord, chain_problems, forgotten, parse_utc
 
@@ -22,18 +22,6 @@ from . import context, verified, witness
 
 DEFAULT_RPO = "26h"  # a daily backup, with two hours of slack for a slow run
 RESTORE_TEST_KEYS = ["restore-test", "restore-test-databases"]
-_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds of `26h`, `3d`, `1d12h`, `90m`, `1w` or a plain number of seconds."""
-    spec = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", spec):
-        return float(spec)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([wdhms])", spec)
-    if not parts or "".join(n + u for n, u in parts) != spec:
-        raise VaultflowError(f"duration {text!r}: use numbers with w, d, h, m or s (e.g. 26h or 1d12h)")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
 def parse_rpo(specs: list[str]) -> dict[str, str]:
