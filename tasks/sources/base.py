@@ -100,8 +100,17 @@ class Source:
         if cls.kind:
             Source.registry[cls.kind] = cls
 
+    password_in_url: ClassVar[bool] = False  # a password typed into the URL is the source's own (databases)
+
     def __init__(self, paths: list[str]) -> None:
-        """No I/O here: a source is built in the flow, in the CLI (to refuse typos) and in every worker."""
+        """No I/O here: a source is built in the flow, in the CLI (to refuse typos) and in every worker. A
+        password typed into the URL moves into this process's VAULTFLOW_SOURCE_PASSWORD (worker processes
+        inherit it): the URL that flow parameters, logs and records carry has none."""
+        if self.password_in_url and paths:
+            url, password = split_password(paths[0])
+            if password is not None:
+                os.environ["VAULTFLOW_SOURCE_PASSWORD"] = password
+            paths = [url, *paths[1:]]
         self.paths = paths
 
     @classmethod

@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from vaultflow.storage.errors import SourceError
 
-from .base import Capture, Source, SourceSpec, command_stream, slug, source_password, split_password, stream_listing
+from .base import Capture, Source, SourceSpec, command_stream, slug, source_password, stream_listing
 
 _DUMP_FLAGS = ["--single-transaction", "--routines", "--triggers", "--events", "--hex-blob", "--skip-dump-date"]
 
@@ -238,12 +238,11 @@ class MariaDB(Source):
     streams = True
     priority = 10
 
+    password_in_url = True
+
     def __init__(self, paths: list[str]) -> None:
-        url, password = split_password(paths[0])
-        if password is not None:  # worker processes inherit it; the URL the flow and records carry has none
-            os.environ["VAULTFLOW_SOURCE_PASSWORD"] = password
-        super().__init__([url, *paths[1:]])
-        self.server = _Server(url)
+        super().__init__(paths)
+        self.server = _Server(self.paths[0])
 
     def default_name(self) -> str:
         return slug(f"{self.server.host}-{'-'.join(self.server.databases)}")

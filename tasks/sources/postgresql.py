@@ -38,7 +38,7 @@ from psycopg.conninfo import make_conninfo
 
 from vaultflow.storage.errors import SourceError
 
-from .base import Capture, Source, SourceSpec, command_stream, slug, source_password, split_password, stream_listing
+from .base import Capture, Source, SourceSpec, command_stream, slug, source_password, stream_listing
 
 MAINTENANCE = "postgres"  # where databases are listed, created and dropped
 GLOBALS = "globals.sql"
@@ -213,12 +213,11 @@ class PostgreSQL(Source):
     streams = True
     priority = 10
 
+    password_in_url = True
+
     def __init__(self, paths: list[str]) -> None:
-        url, password = split_password(paths[0])
-        if password is not None:  # worker processes inherit it; it is never in a URL that travels
-            os.environ["VAULTFLOW_SOURCE_PASSWORD"] = password
-        super().__init__([url])
-        self.server = Server.parse(url)
+        super().__init__(paths)
+        self.server = Server.parse(self.paths[0])
 
     def default_name(self) -> str:
         """127.0.0.1-app; the port when not 5432 (127.0.0.1-5433-app); listed databases joined; `all`."""
