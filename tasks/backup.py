@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -263,27 +264,11 @@ def write_manifest(run: context.Run, source: str, serial: int, discover_errors: 
     chunks = pc.list_flatten(files["chunks"]).unique()
     _verify_indexed(repo, chunks.to_pylist(), run.lost_packs)
 
-    objects: dict[str, str] = {}
-    data = manifest.to_parquet(files)
-    if repo.config.private_manifests:  # named by a fresh salt: a name must not confirm a guessed manifest
-        salt = os.urandom(32)
-        name = manifest.content_named(manifest.files_name(source, serial, True), salt)
-        data = manifest.seal_manifest(repo.master.manifest_key, salt, data, name)
-    else:
-        name = manifest.content_named(manifest.files_name(source, serial), data)
-    objects[name] = repo.write_object(name, data)
+    objects = dict([_write_sealable(repo, manifest.files_name, source, serial, manifest.to_parquet(files))])
     tables = [context.read_ipc(p) for p in sorted(state.scratch.glob("tables-*.arrow"))]
     if tables:  # per-table evidence of a database source: authenticated through the record like the files
-        tdata = manifest.to_parquet(pa.concat_tables(tables).sort_by([("stream", "ascending"),
-                                                                      ("table", "ascending")]))
-        private = repo.config.private_manifests
-        if private:
-            salt = os.urandom(32)
-            tname = manifest.content_named(manifest.databases_name(source, serial, True), salt)
-            tdata = manifest.seal_manifest(repo.master.manifest_key, salt, tdata, tname)
-        else:
-            tname = manifest.content_named(manifest.databases_name(source, serial), tdata)
-        objects[tname] = repo.write_object(tname, tdata)
+        data = manifest.to_parquet(pa.concat_tables(tables).sort_by([("stream", "ascending"), ("table", "ascending")]))
+        objects.update([_write_sealable(repo, manifest.databases_name, source, serial, data)])
     errors = manifest.errors_table(files, [(bytes.fromhex(h), m) for h, m in discover_errors])
     if errors.num_rows and not repo.config.private_manifests:
         edata = manifest.to_parquet(errors)
@@ -297,6 +282,19 @@ def write_manifest(run: context.Run, source: str, serial: int, discover_errors: 
              "bytes": int(pc.sum(pc.if_else(is_file, files["size"], 0)).as_py() or 0),
              "errors": errors.num_rows, **counts}
     return Manifest(objects=objects, index_files=index_files, stats=stats, chunks=len(chunks))
+
+
+def _write_sealable(repo: Repository, base: Callable[[str, int, bool], str], source: str, serial: int,
+                    data: bytes) -> tuple[str, str]:
+    """Write a manifest object named in the record: (name, digest). Private manifests are sealed and named by a
+    fresh salt (a name must not confirm a guessed manifest); others by their content."""
+    if repo.config.private_manifests:
+        salt = os.urandom(32)
+        name = manifest.content_named(base(source, serial, True), salt)
+        data = manifest.seal_manifest(repo.master.manifest_key, salt, data, name)
+    else:
+        name = manifest.content_named(base(source, serial, False), data)
+    return name, repo.write_object(name, data)
 
 
 def _verify_indexed(repo: Repository, chunk_ids: list[bytes], lost_packs: tuple[str, ...]) -> None:

@@ -87,3 +87,23 @@ def test_find_entry_refuses_folders_and_unread_files():
         dump.find_entry(table, "d")
     with pytest.raises(VaultflowError, match="could not be read when it was backed up"):
         dump.find_entry(table, "bad")
+
+
+def test_a_private_repository_seals_the_databases_table_too(prefect_server, monkeypatch, tmp_path):
+    import sqlite3
+
+    from vaultflow.flows.backup import backup
+    from vaultflow.flows.runtime import run_flow
+
+    db = tmp_path / "app.db"
+    with sqlite3.connect(db) as c:
+        c.execute("create table secret_customer_names (id integer)")
+        c.executemany("insert into secret_customer_names values (?)", [(i,) for i in range(7)])
+    monkeypatch.setenv("VAULTFLOW_PASSWORD", "pw")
+    repo = Repository.init(str(tmp_path / "repo"), "pw", kdf=FAST_KDF, private_manifests=True)
+    run_flow(backup, paths=[f"sqlite://{db}"], repository=repo.url)
+    [record] = Repository.open(repo.url, "pw").snapshots().values()
+    [name] = [n for n in record.manifests if n.startswith("tables/databases/")]
+    assert name.endswith(".parquet.enc") and b"secret_customer_names" not in repo.backend.read(name)
+    table = Repository.open(repo.url, "pw").databases_table(record)
+    assert table.to_pylist() == [{"stream": "app.db", "table": "secret_customer_names", "rows": 7, "checksum": None}]
