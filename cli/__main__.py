@@ -1,5 +1,3 @@
-import sys
+from vaultflow.cli import console
 
-from vaultflow.cli import main
-
-sys.exit(main())
+console()

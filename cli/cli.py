@@ -244,5 +244,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def console() -> None:
+    """The `vaultflow` program: main(), the process's exit handlers (Prefect's drain among them), then an exit that
+    skips the interpreter's teardown. pyarrow's thread pools can abort the process there ("terminate called
+    without an active exception", SIGABRT after the command succeeded: apache/arrow#34314), which seen from a
+    script is a failed command; nothing of vaultflow's runs in that teardown."""
+    import atexit
+    import os
+
+    code = main()
+    atexit._run_exitfuncs()  # noqa: SLF001 - what a normal exit runs first
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1  # stdout closed or full: what was printed did not arrive
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
