@@ -133,10 +133,9 @@ def _drain_prefect_workers() -> None:
             EventsWorker.drain_all(timeout=5, at_exit=False)
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The API URL (http://127.0.0.1:PORT/api) of a real Prefect server shared by the whole session."""
-    home = tmp_path_factory.mktemp("prefect-server")
+@contextlib.contextmanager
+def running_prefect_server(home: Path) -> Iterator[str]:
+    """A real Prefect server with its own database under `home`, Prefect pointed at it while inside."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     proc = start_prefect_server(home, port)
@@ -147,3 +146,10 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         _drain_prefect_workers()  # also covers a prefect first imported during the session
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The API URL (http://127.0.0.1:PORT/api) of a real Prefect server shared by the whole session."""
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as api_url:
+        yield api_url

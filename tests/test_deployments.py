@@ -60,6 +60,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server of this module's own: serve's automations (a proactive RPO alarm per source, a trigger that marks
+    runs without heartbeats Crashed) must not act on the other tests' runs, and its scheduler must be fresh."""
+    from prefect_fixtures import running_prefect_server
+
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-deployments")) as api_url:
+        yield api_url
+
+
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     r = Receiver()
