@@ -118,6 +118,21 @@ def _unique(findings: Iterable[Finding]) -> list[Finding]:
     return out
 
 
+def write_json_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (temp file, fsync, rename): a crash leaves the old state or the new
+    one, never half of one. Local state files (witness, verification times) share it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class LocalWitness:
     """`<folder>/<repository id>.json`: the highest serial and record id this machine saw per source.
 
@@ -203,16 +218,7 @@ class LocalWitness:
         body: dict[str, Any] = {"vaultflow_witness": WITNESS_VERSION, "repository": self.repository_id,
                                 "sources": {k: asdict(v) for k, v in sorted(state.sources.items())},
                                 "forks": [asdict(f) for f in state.forks]}
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.repository_id}.", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(body, indent=1, sort_keys=True).encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomically(self.path, json.dumps(body, indent=1, sort_keys=True).encode() + b"\n")
         dfd = os.open(self.folder, os.O_RDONLY)
         try:
             os.fsync(dfd)  # the rename itself must survive a crash

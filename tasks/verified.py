@@ -10,9 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from typing import Any
 
 from vaultflow.storage.checker import Checker
 from vaultflow.storage.errors import IntegrityError, VaultflowError
+from vaultflow.storage.witness import write_json_atomically
 
 from . import settings
 
@@ -126,14 +125,4 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _write(path: Path, body: dict[str, Any]) -> None:
-    """Atomically (temp file, fsync, rename): a crash leaves the old state or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(body, indent=0, sort_keys=False).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomically(path, json.dumps(body, indent=0, sort_keys=False).encode() + b"\n")
